@@ -1,0 +1,181 @@
+"""`python -m minimind_scale ...`: every registered stage is a subcommand, plus the tool commands.
+
+A user's mistake ends with exit code 2 and one readable message, never a traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Callable
+
+from . import registry
+from .config import build_config, describe_fields, did_you_mean, parse_flags
+from .errors import UserError
+
+# Tool commands: name -> (module, config class, run function, one-line help). Imported lazily.
+TOOLS: dict[str, tuple[str, str, str, str]] = {
+    "train-tokenizer": ("minimind_scale.tokenizer_train", "TrainTokenizerConfig", "run", "train a ByteLevel BPE tokenizer with the ChatML chat template"),
+    "chat": ("minimind_scale.generate", "ChatConfig", "run", "talk to a trained model (or one answer with --prompt)"),
+    "eval": ("minimind_scale.evaluate", "EvalConfig", "run", "loss, perplexity and token count of a model on a data set (JSON)"),
+    "demo": ("minimind_scale.demo", "DemoConfig", "run", "tokenizer -> pretrain -> SFT on the bundled demo data, then chat"),
+}
+
+
+def _quiet_third_parties() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda_quick() else "cuda")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def _has_cuda_quick() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop `--local_rank=N` / `--local_rank N`, which the deepspeed launcher appends; LOCAL_RANK says the same."""
+    out, skip = [], False
+    for i, tok in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = tok.split("=", 1)[0].replace("-", "_")
+        if name == "__local_rank":
+            skip = "=" not in tok
+            continue
+        out.append(tok)
+    return out
+
+
+def pop_option(argv: list[str], name: str, multiple: bool = False) -> tuple[list[str], list[str]]:
+    """Remove `--name v [v ...]` from argv, returning (values, rest)."""
+    values, rest, i = [], [], 0
+    keys = {f"--{name}", f"--{name.replace('_', '-')}"}
+    while i < len(argv):
+        key, eq, val = argv[i].partition("=")
+        if key in keys:
+            if eq:
+                values.append(val)
+                i += 1
+            else:
+                i += 1
+                while i < len(argv) and not argv[i].startswith("--"):
+                    values.append(argv[i])
+                    i += 1
+                    if not multiple:
+                        break
+            continue
+        rest.append(argv[i])
+        i += 1
+    return values, rest
+
+
+def top_help() -> str:
+    lines = ["usage: python -m minimind_scale COMMAND [--config run.yaml] [--field value ...]", "", "training stages:"]
+    for spec in registry.stages():
+        alias = f" (alias {', '.join(spec.aliases)})" if spec.aliases else ""
+        lines.append(f"  {spec.name:<16} {spec.help}{alias}")
+    lines += ["", "tools:", f"  {'prepare STAGE':<16} tokenise and cache a stage's data; prints the data set's directory"]
+    lines += [f"  {name:<16} {t[3]}" for name, t in TOOLS.items()]
+    lines += ["", "`python -m minimind_scale COMMAND --help` lists every field with its type, default and meaning.",
+              "Stage plugins: --plugin FILE.py, $MINIMIND_SCALE_PLUGINS, or the `minimind_scale.stages` entry point group."]
+    return "\n".join(lines)
+
+
+def _config_for(cls, argv: list[str], command: str):
+    if "--help" in argv or "-h" in argv:
+        doc = (cls.__doc__ or "").strip()
+        print(f"usage: python -m minimind_scale {command} [--config run.yaml] [--field value ...]\n")
+        if doc:
+            print(doc + "\n")
+        print(describe_fields(cls))
+        raise SystemExit(0)
+    config_file, argv = pop_option(argv, "config")
+    flags = parse_flags(argv, cls)
+    return build_config(cls, flags, config_file[0] if config_file else None)
+
+
+def run_stage(name: str, argv: list[str], plugins: list[str]) -> None:
+    spec = registry.get_stage(name)
+    cfg = _config_for(spec.config, argv, name)
+    cfg.plugin = plugins
+    from .engine import train
+
+    train(spec, cfg)
+
+
+def run_prepare(argv: list[str], plugins: list[str]) -> None:
+    if not argv or argv[0].startswith("-"):
+        raise UserError("usage: python -m minimind_scale prepare STAGE [--field value ...]")
+    spec = registry.get_stage(argv[0])
+    cfg = _config_for(spec.config, argv[1:], f"prepare {spec.name}")
+    from .data import prepare_dataset
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+    dataset, path, report = prepare_dataset(spec, cfg, tokenizer, log=lambda m: print(m, file=sys.stderr))
+    print(f"{len(dataset)} rows, columns {dataset.column_names}", file=sys.stderr)
+    print(path)
+
+
+def run_tool(name: str, argv: list[str]) -> None:
+    module, cls_name, fn_name, _ = TOOLS[name]
+    mod = importlib.import_module(module)
+    cfg = _config_for(getattr(mod, cls_name), argv, name)
+    getattr(mod, fn_name)(cfg)
+
+
+def dispatch(argv: list[str]) -> None:
+    argv = strip_launcher_args(argv)
+    plugins, argv = pop_option(argv, "plugin", multiple=True)
+    registry.discover(plugins)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(top_help())
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "prepare":
+        run_prepare(rest, plugins)
+    elif command in TOOLS:
+        run_tool(command, rest)
+    elif command in registry.all_names():
+        run_stage(command, rest, plugins)
+    else:
+        names = registry.all_names() + list(TOOLS) + ["prepare"]
+        raise UserError(f"unknown command '{command}'{did_you_mean(command, names)}. Run with --help for the list.")
+
+
+def main(argv: list[str] | None = None, on_error: Callable[[str], None] | None = None) -> None:
+    _quiet_third_parties()
+    from .engine import NonFiniteLoss
+
+    try:
+        dispatch(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        _shutdown_process_group()
+        raise SystemExit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        _shutdown_process_group()
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)
+    _shutdown_process_group()
+
+
+def _shutdown_process_group() -> None:
+    # Avoids a rare abort at interpreter exit after gloo/NCCL runs.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

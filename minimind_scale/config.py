@@ -1,0 +1,192 @@
+"""Pydantic configs, YAML + command-line merging, and readable validation errors.
+
+Precedence: a config class's defaults < the YAML file given with `--config` < `--field value` flags.
+Every problem found is reported at once, each naming where the bad value came from.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UserError
+
+
+class StrictConfig(BaseModel):
+    """Base of every config: unknown keys are refused (a typo must never train the wrong model)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class TrainConfig(StrictConfig):
+    """Fields common to every training stage. A stage subclasses this and may change defaults."""
+
+    data_path: list[str] = Field(default_factory=list, description="one or more jsonl data files")
+    out_dir: str = Field("out/run", description="where config.yaml, metrics.jsonl, checkpoints/ and final/ go")
+    model: str = Field("minimind2-small", description="a preset name or a Hugging Face model directory to start from")
+    hidden_size: Optional[int] = Field(None, ge=8, description="override the preset's hidden size (from scratch only)")
+    num_hidden_layers: Optional[int] = Field(None, ge=1, description="override the preset's layer count (from scratch only)")
+    tokenizer: Optional[str] = Field(None, description="tokenizer directory; default: the model's, else the one shipped with the package")
+    max_seq_len: int = Field(512, ge=8, description="tokens per sample; longer samples keep their prefix")
+    epochs: int = Field(1, ge=1, description="passes over the data (ignored when max_steps is set)")
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(8, ge=1, description="samples per micro-batch per process")
+    accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(5e-4, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of learning_rate")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1")
+    adam_beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2")
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0 disables clipping)")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="mixed precision: auto = bf16 where supported, else fp32")
+    seed: int = Field(42, description="seed for weights, shuffling and dropout")
+    log_interval: int = Field(10, ge=1, description="log every N optimizer steps")
+    save_interval: int = Field(500, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept; older ones are deleted")
+    resume: str = Field("auto", description="auto (newest complete checkpoint in out_dir), never, or a checkpoint path")
+    packing: bool = Field(False, description="pack several samples per row (attention never crosses samples)")
+    num_proc: int = Field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)), ge=1, description="tokenisation worker processes")
+    cache_dir: Optional[str] = Field(None, description="tokenised-data cache (default $MINIMIND_SCALE_CACHE or ~/.cache/minimind_scale)")
+    skip_bad_records: bool = Field(False, description="skip malformed records (counted in the log) instead of failing")
+    report_to: Literal["none", "tensorboard", "wandb", "swanlab"] = Field("none", description="experiment tracker")
+    deepspeed: Optional[str] = Field(None, description="DeepSpeed JSON config (ds_configs/zeroN.json)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    compile: bool = Field(False, description="torch.compile the model")
+    plugin: list[str] = Field(default_factory=list, description="extra stage plugin files to load (also $MINIMIND_SCALE_PLUGINS)")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _yaml_key_lines(path: Path) -> dict[str, int]:
+    """Line number (1-based) of each top-level key in a YAML mapping, for error messages."""
+    try:
+        node = yaml.compose(path.read_text())
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in node.value}
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must be a mapping of field: value")
+    return data
+
+
+def _is_list_field(annotation: Any) -> bool:
+    if get_origin(annotation) is list:
+        return True
+    return any(get_origin(a) is list for a in get_args(annotation))
+
+
+def parse_flags(argv: list[str], cls: type[BaseModel]) -> dict[str, Any]:
+    """`--field value`, `--field=value`, `-`/`_` alike; list fields take every value up to the next flag."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or tok == "--":
+            raise UserError(f"unexpected argument {tok!r}: options look like --field value")
+        name, eq, inline = tok[2:].partition("=")
+        name = name.replace("-", "_")
+        values: list[str] = [inline] if eq else []
+        i += 1
+        if not eq:
+            while i < len(argv) and not (argv[i].startswith("--") and len(argv[i]) > 2):
+                values.append(argv[i])
+                i += 1
+        field = cls.model_fields.get(name)
+        if field is not None and _is_list_field(field.annotation):
+            out[name] = values
+        elif not values:
+            # a bare boolean flag means true, as users expect from --packing
+            out[name] = "true" if field is not None and field.annotation is bool else None
+            if out[name] is None:
+                raise UserError(f"--{name} needs a value")
+        elif len(values) > 1:
+            raise UserError(f"--{name} takes one value, got {len(values)}: {' '.join(values)}")
+        else:
+            out[name] = values[0]
+    return out
+
+
+def did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def build_config(cls: type[BaseModel], flags: dict[str, Any], yaml_path: Optional[str] = None) -> BaseModel:
+    """Merge YAML then flags over the class defaults; raise one UserError listing every problem."""
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if yaml_path:
+        lines = _yaml_key_lines(Path(yaml_path))
+        for k, v in load_yaml(yaml_path).items():
+            values[k] = v
+            origin[k] = f"{yaml_path}:{lines[k]}" if k in lines else yaml_path
+    for k, v in flags.items():
+        values[k] = v
+        origin[k] = "command line"
+    # Strings from the command line become lists for list fields given in YAML as a scalar.
+    for k, v in list(values.items()):
+        f = cls.model_fields.get(k)
+        if f is not None and _is_list_field(f.annotation) and isinstance(v, str):
+            values[k] = [v]
+    problems = []
+    for k in values:
+        if k not in cls.model_fields:
+            problems.append(f"{origin[k]}: unknown field '{k}'{did_you_mean(k, cls.model_fields)}")
+    if problems:
+        raise UserError("\n".join(problems))
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        for err in e.errors():
+            key = str(err["loc"][0]) if err["loc"] else "?"
+            loc = ".".join(str(x) for x in err["loc"])
+            got = values.get(key, "<missing>")
+            problems.append(f"{origin.get(key, 'config')}: field '{loc}': {err['msg']} (got {got!r})")
+        raise UserError("\n".join(problems)) from None
+
+
+def _type_name(ann) -> str:
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin is list:
+        return f"{_type_name(args[0])} ..."
+    if args and type(None) in args:  # Optional[X]
+        return _type_name(next(a for a in args if a is not type(None)))
+    return getattr(ann, "__name__", str(ann))
+
+
+def describe_fields(cls: type[BaseModel]) -> str:
+    """One line per field: name, type, default and meaning, for `STAGE --help`."""
+    rows = []
+    for name, f in cls.model_fields.items():
+        type_name = _type_name(f.annotation)
+        default = f.default_factory() if f.default_factory is not None else f.default
+        rows.append((f"--{name}", type_name, repr(default), f.description or ""))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = min(28, max(len(r[1]) for r in rows))
+    return "\n".join(f"  {a:<{w0}}  {b:<{w1}}  default {c:<14} {d}" for a, b, c, d in rows)
+
+
+def save_config(cfg: BaseModel, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))

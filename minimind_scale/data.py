@@ -1,0 +1,279 @@
+"""jsonl → tokenised, memory-mapped Arrow data sets, cached by content; samplers and padding collation.
+
+Every line is parsed, validated and encoded inside ``datasets.map`` worker processes. A bad record
+never raises inside a worker: it yields an ``_error`` text, so the main process can report the
+first problems with file and line, or skip them when the user asked for that.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import datasets
+import torch
+from torch.utils.data import DistributedSampler
+
+from .errors import RecordError, UserError
+
+# Bump when the cached layout or the encoding wrapper changes, so stale caches are never reused.
+CACHE_FORMAT = 1
+MAX_REPORTED_ERRORS = 10
+IGNORE_INDEX = -100
+
+
+def cache_root(cfg) -> Path:
+    root = cfg.cache_dir or os.environ.get("MINIMIND_SCALE_CACHE") or Path.home() / ".cache" / "minimind_scale"
+    return Path(root) / "datasets"
+
+
+def file_fingerprint(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update((tokenizer.chat_template or "").encode())
+    return h.hexdigest()
+
+
+def cache_key(spec, cfg, tokenizer, files: list[Path]) -> str:
+    from . import __version__
+
+    parts = {
+        "format": CACHE_FORMAT,
+        "version": __version__,
+        "stage": spec.name,
+        "files": [file_fingerprint(p) for p in files],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_seq_len": cfg.max_seq_len,
+        "skip_bad_records": cfg.skip_bad_records,
+        "stage_fields": {f: getattr(cfg, f) for f in spec.data_fields},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def check_data_files(paths: list[str]) -> list[Path]:
+    if not paths:
+        raise UserError("no data: give --data_path FILE [FILE ...]")
+    files = [Path(p) for p in paths]
+    for p in files:
+        if not p.is_file():
+            raise UserError(f"data file not found: {p}")
+        if p.stat().st_size == 0:
+            raise UserError(f"{p}: the data file is empty")
+    return files
+
+
+def _read_lines(path: str) -> Iterator[dict]:
+    """Raw lines as bytes with 1-based numbers; decoding waits for the workers (and may fail there)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                yield {"line": number, "raw": line}
+
+
+def _encode_rows(batch: dict, encode, tokenizer, cfg, columns: list[str]) -> dict:
+    out: dict[str, list] = {c: [] for c in columns}
+    out["_error"], out["_line"] = [], []
+    for number, raw in zip(batch["line"], batch["raw"]):
+        encoded, error = None, ""
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise RecordError("record", "a line must hold one JSON object")
+            encoded = encode(record, tokenizer, cfg)
+            if "labels" in encoded and all(x == IGNORE_INDEX for x in encoded["labels"]):
+                raise RecordError("labels", f"no loss-bearing token within max_seq_len {cfg.max_seq_len}")
+        except UnicodeDecodeError as e:
+            error = f"not UTF-8 text (bad byte at offset {e.start})"
+        except json.JSONDecodeError as e:
+            error = f"not valid JSON: {e.msg} (column {e.colno})"
+        except RecordError as e:
+            error = f"field '{e.field}': {e.reason}"
+        for c in columns:
+            out[c].append(encoded[c] if error == "" else [])
+        out["_error"].append(error)
+        out["_line"].append(number)
+    return out
+
+
+def _probe_columns(path: Path, encode, tokenizer, cfg, limit: int = 1000) -> list[str]:
+    """Column names of the stage's encoding, from the first record that encodes."""
+    for row in _read_lines(str(path)):
+        if row["line"] > limit:
+            break
+        try:
+            return sorted(encode(json.loads(row["raw"].decode("utf-8")), tokenizer, cfg))
+        except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
+            continue
+    return ["input_ids", "labels"]
+
+
+@dataclass
+class DataReport:
+    records: int
+    skipped: int
+    reasons: dict[str, int]
+
+    def summary(self) -> str:
+        text = f"{self.records} records"
+        if self.skipped:
+            text += f", {self.skipped} bad ones skipped (" + ", ".join(f"{k}: {v}" for k, v in self.reasons.items()) + ")"
+        return text
+
+
+def _encode_file(path: Path, spec, cfg, tokenizer, work_dir: Path, columns: list[str]) -> datasets.Dataset:
+    datasets.disable_progress_bars()  # the read, filter and save steps are quick; only the tokenising bar helps
+    raw = datasets.Dataset.from_generator(
+        _read_lines, gen_kwargs={"path": str(path)}, cache_dir=str(work_dir / "raw"),
+        features=datasets.Features({"line": datasets.Value("int64"), "raw": datasets.Value("binary")}),
+    )
+    features = datasets.Features({c: datasets.Sequence(datasets.Value("int32")) for c in columns})
+    features["_error"] = datasets.Value("string")
+    features["_line"] = datasets.Value("int64")
+    # Small files are faster in one process than in a pool that must start up.
+    num_proc = max(1, min(cfg.num_proc, math.ceil(len(raw) / 2000)))
+    datasets.enable_progress_bars()
+    return raw.map(
+        _encode_rows, batched=True, batch_size=500, num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=raw.column_names, features=features,
+        fn_kwargs=dict(encode=spec.encode, tokenizer=tokenizer, cfg=cfg, columns=columns),
+        desc=f"tokenising {path.name}",
+    )
+
+
+def _collect_errors(parts: list[tuple[Path, datasets.Dataset]]) -> tuple[list[str], Counter, int]:
+    shown, reasons, total = [], Counter(), 0
+    for path, ds in parts:
+        bad = ds.select_columns(["_error", "_line"]).filter(lambda e: e != "", input_columns="_error")
+        total += len(bad)
+        for row in bad:
+            reasons[row["_error"].split(":")[0]] += 1
+            if len(shown) < MAX_REPORTED_ERRORS:
+                shown.append(f"{path}:{row['_line']}: {row['_error']}")
+    return shown, reasons, total
+
+
+def build_dataset(spec, cfg, tokenizer, files: list[Path], target: Path) -> DataReport:
+    """Encode every file into `target` (written under a temporary name, then renamed)."""
+    work = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        columns = _probe_columns(files[0], spec.encode, tokenizer, cfg)
+        parts = [(p, _encode_file(p, spec, cfg, tokenizer, work, columns)) for p in files]
+        datasets.disable_progress_bars()
+        shown, reasons, n_bad = _collect_errors(parts)
+        n_all = sum(len(ds) for _, ds in parts)
+        if n_bad and not cfg.skip_bad_records:
+            more = f"\n... and {n_bad - len(shown)} more" if n_bad > len(shown) else ""
+            raise UserError(f"{n_bad} of {n_all} records are malformed (set skip_bad_records true to skip them):\n"
+                            + "\n".join(shown) + more)
+        merged = datasets.concatenate_datasets([ds for _, ds in parts])
+        if n_bad:
+            merged = merged.filter(lambda e: e == "", input_columns="_error")
+        if len(merged) == 0:
+            raise UserError(f"no usable record in {', '.join(map(str, files))}")
+        merged = merged.remove_columns(["_error", "_line"])
+        report = DataReport(records=len(merged), skipped=n_bad, reasons=dict(reasons))
+        merged.save_to_disk(str(work / "final"))
+        (work / "final" / "data_report.json").write_text(json.dumps(report.__dict__, indent=1))
+        try:
+            os.rename(work / "final", target)
+        except OSError:
+            if not (target / "data_report.json").is_file():  # not a concurrent writer that got there first
+                raise
+        return report
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait_for(target: Path, failed: Path, poll: float = 1.0) -> None:
+    """Non-main local ranks wait on the file system, not on a collective that could time out."""
+    while not (target / "data_report.json").is_file():
+        if failed.is_file():
+            raise UserError(failed.read_text())
+        time.sleep(poll)
+
+
+def prepare_dataset(spec, cfg, tokenizer, is_local_main: bool = True, log=print) -> tuple[datasets.Dataset, Path, DataReport]:
+    """The cached tokenised data set for this stage and config, building it if needed."""
+    files = check_data_files(cfg.data_path)
+    target = cache_root(cfg) / f"{spec.name}-{cache_key(spec, cfg, tokenizer, files)}"
+    failed = target.with_name(target.name + ".failed")
+    if not (target / "data_report.json").is_file():
+        if is_local_main:
+            failed.unlink(missing_ok=True)
+            try:
+                report = build_dataset(spec, cfg, tokenizer, files, target)
+            except UserError as e:
+                failed.write_text(str(e))
+                raise
+            log(f"tokenised {report.summary()} -> {target}")
+        else:
+            _wait_for(target, failed)
+    else:
+        log(f"using cached tokenised data {target}")
+    report = DataReport(**json.loads((target / "data_report.json").read_text()))
+    return datasets.load_from_disk(str(target)), target, report
+
+
+# --------------------------------------------------------------------------- batching
+
+
+class EpochSampler(DistributedSampler):
+    """This rank's shuffled indices for one epoch (seed + epoch), starting after `skip` samples.
+
+    The order depends only on (seed, epoch, world size), which is what lets a resumed run continue
+    from the exact sample where the checkpoint was written.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, epoch: int, skip: int = 0, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.skip:])
+
+    def __len__(self):
+        return max(0, self.num_samples - self.skip)
+
+
+def batches_per_epoch(n_rows: int, world: int, batch_size: int) -> int:
+    return math.ceil(math.ceil(n_rows / world) / batch_size)
+
+
+def pad_collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row of the batch: input_ids with pad_id, labels with -100."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.as_tensor(r["input_ids"])
+        labels[i, :n] = torch.as_tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def make_loader(dataset, collate, batch_size: int, world: int, rank: int, seed: int, epoch: int,
+                skip_batches: int = 0, shuffle: bool = True, num_workers: int = 0):
+    sampler = EpochSampler(dataset, world, rank, seed, epoch, skip=skip_batches * batch_size, shuffle=shuffle)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                       num_workers=num_workers, drop_last=False)

@@ -1,0 +1,104 @@
+"""Creating the Accelerator the same way under every launcher, and catching silent launcher mismatches.
+
+Facts this relies on (measured, DESIGN §9): on a machine without CUDA, plain multi-process runs only
+form one gloo job when the Accelerator is created with cpu=True; DeepSpeed instead needs the gloo
+backend named through InitProcessGroupKwargs (it refuses cpu=True); ACCELERATE_USE_CPU together with
+DeepSpeed silently runs plain DDP; `accelerate launch --cpu` starts one process whatever
+--num_processes says.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher told this process, read before any process group exists."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @classmethod
+    def from_environ(cls) -> "LaunchEnv":
+        return cls(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                   world_size=int(os.environ.get("WORLD_SIZE", 1)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(dtype: str) -> str:
+    """Accelerate's mixed_precision value for our dtype field."""
+    cuda = torch.cuda.is_available()
+    if dtype == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_supports_bf16() else "no"
+    if dtype == "fp16" and not cuda:
+        raise UserError("dtype fp16 needs a GPU; on a CPU use bf16 or fp32")
+    return {"fp32": "no"}.get(dtype, dtype)
+
+
+def load_deepspeed_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"DeepSpeed config not found: {path}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def make_accelerator(cfg, tracker_dir: str | None = None):
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    env = LaunchEnv.from_environ()
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(cfg.dtype)
+    # The engine decides when gradients sync (see engine.optimizer_step_window), never the data loader.
+    accumulation = GradientAccumulationPlugin(num_steps=cfg.accumulation_steps, sync_with_dataloader=False)
+    kwargs = dict(mixed_precision=precision, gradient_accumulation_plugin=accumulation,
+                  log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=tracker_dir)
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=30))]
+    if cfg.deepspeed:
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+            raise UserError("ACCELERATE_USE_CPU is set together with --deepspeed: that silently runs plain DDP. "
+                            "Unset ACCELERATE_USE_CPU (or drop --deepspeed).")
+        ds_config = load_deepspeed_config(cfg.deepspeed)
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config,
+                                                     gradient_accumulation_steps=cfg.accumulation_steps,
+                                                     gradient_clipping=cfg.grad_clip or None)
+        if not cuda:
+            handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30))]
+    else:
+        kwargs["cpu"] = not cuda
+    accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)
+    if accelerator.num_processes != env.world_size:
+        raise UserError(
+            f"the launcher started {env.world_size} process(es) but they formed a group of {accelerator.num_processes}. "
+            "On a machine without GPUs use `accelerate launch --multi_gpu --num_processes N` (not --cpu, which "
+            "starts one process) or `torchrun --nproc_per_node N`.")
+    return accelerator

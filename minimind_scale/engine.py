@@ -1,0 +1,213 @@
+"""The one training loop, for every stage, on HF Accelerate. Reads top to bottom in the order a run happens.
+
+Loss normalisation (DESIGN §7): a stage returns loss SUMS and a unit count per micro-batch. Before an
+optimizer step the engine counts the units of all its micro-batches on all ranks (N), then back-props
+each micro-batch's sum scaled by world·accumulation/N. Accelerate (or DeepSpeed) divides by the
+accumulation steps and DDP/ZeRO average over ranks, so the gradient is exactly Σ losses / N.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import TrainState, find_resume_checkpoint, read_state, save_checkpoint
+from .config import save_config
+from .data import batches_per_epoch, make_loader, prepare_dataset
+from .distributed import LaunchEnv, make_accelerator
+from .errors import UserError
+from .losses import count_label_tokens
+from .metrics import MetricsLog
+from .models import build_model, count_parameters, load_tokenizer, save_hf
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def build_optimizer(model, cfg):
+    """AdamW; weight decay only on matrices (norm gains and biases are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("the model has no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def build_scheduler(optimizer, cfg, total_steps: int):
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=cfg.warmup_steps,
+                                                       num_training_steps=total_steps, min_lr_rate=cfg.min_lr_ratio)
+
+
+def reduce_sum(accelerator, values: list[float | torch.Tensor]) -> list[float]:
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").tolist() if accelerator.num_processes > 1 else t.tolist()
+
+
+def move(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window: list[dict]) -> dict:
+    """Forward/backward every micro-batch of one optimizer step; returns the step's global sums."""
+    units = sum(float(spec.loss_units(b)) for b in window)
+    tokens = sum(float(count_label_tokens(b)) for b in window if "labels" in b)
+    total_units, total_tokens = reduce_sum(accelerator, [units, tokens])
+    scale = accelerator.num_processes * cfg.accumulation_steps / max(total_units, 1.0)
+    # A short window (the end of an epoch) must still sync on its last micro-batch: accelerate's
+    # accumulate() syncs when its counter reaches the accumulation steps.
+    accelerator.step = cfg.accumulation_steps - len(window)
+    loss_sum, metric_sums = 0.0, {}
+    for batch in window:
+        batch = move(batch, accelerator.device)
+        with accelerator.accumulate(model):
+            out = spec.loss(model, batch, cfg, ctx)
+            accelerator.backward(out.loss_sum * scale)
+        loss_sum += out.loss_sum.detach().float()
+        for k, v in out.metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
+    names = sorted(metric_sums)
+    reduced = reduce_sum(accelerator, [loss_sum] + [metric_sums[k] for k in names])
+    loss = reduced[0] / max(total_units, 1.0)
+    metrics = {k: v / max(total_units, 1.0) for k, v in zip(names, reduced[1:])}
+    return {"loss": loss, "tokens": int(total_tokens), "units": total_units, **metrics}
+
+
+def clip_and_step(accelerator, model, optimizer, scheduler, cfg) -> float:
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        # DeepSpeed clipped and stepped inside backward at the accumulation boundary.
+        norm = model.get_global_grad_norm()
+    else:
+        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return float(norm) if norm is not None else float("nan")
+
+
+def train(spec, cfg) -> Path:
+    env = LaunchEnv.from_environ()
+    out_dir = Path(cfg.out_dir)
+    say = print if env.is_main else (lambda *a, **k: None)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+    # Tokenise before any process group exists: other local ranks wait on the file system, so a
+    # long first tokenisation can never hit a collective timeout.
+    dataset, data_dir, report = prepare_dataset(spec, cfg, tokenizer, is_local_main=env.is_local_main, log=say)
+
+    accelerator = make_accelerator(cfg, tracker_dir=str(out_dir))
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    model = build_model(cfg.model, tokenizer, cfg.hidden_size, cfg.num_hidden_layers)
+    ctx = SimpleNamespace(tokenizer=tokenizer, accelerator=accelerator, out_dir=out_dir)
+    if spec.setup is not None:
+        model = spec.setup(model, cfg, ctx)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    n_params, n_trainable = count_parameters(model)
+
+    world = accelerator.num_processes
+    per_epoch = math.ceil(batches_per_epoch(len(dataset), world, cfg.batch_size) / cfg.accumulation_steps)
+    total_steps = cfg.max_steps or per_epoch * cfg.epochs
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    if accelerator.state.deepspeed_plugin is not None:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.compile:
+        model = torch.compile(model)
+    accelerator.register_for_checkpointing(scheduler)
+
+    state = TrainState(world_size=world)
+    checkpoint = find_resume_checkpoint(cfg.resume, out_dir)
+    if checkpoint is not None:
+        state = read_state(checkpoint)
+        if state.world_size != world:
+            raise UserError(f"{checkpoint} was written by {state.world_size} process(es) and this run has {world}: "
+                            "the data order depends on the process count, so resume with the same count "
+                            "(or start a new out_dir from its weights with --model after `export`).")
+        accelerator.load_state(str(checkpoint))
+        say(f"resumed from {checkpoint} at step {state.step}")
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    if accelerator.trackers or cfg.report_to != "none":
+        accelerator.init_trackers(out_dir.name, config=cfg.model_dump(mode="json"))
+    metrics_log = MetricsLog(out_dir, accelerator, state.step)
+
+    precision = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32"
+    say(f"[{spec.name}] model {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable) | "
+        f"data {report.summary()} | {total_steps} steps of {cfg.batch_size}x{cfg.accumulation_steps}x{world} rows | "
+        f"{precision} | {accelerator.distributed_type.name.lower()} x{world} on {accelerator.device}")
+
+    collate = lambda rows: spec.collate(rows, tokenizer, cfg)  # noqa: E731
+    bar = tqdm(total=total_steps, initial=state.step, desc=spec.name, disable=not accelerator.is_main_process,
+               dynamic_ncols=True, file=sys.stdout)
+    model.train()
+    started, last_log_time, tokens_at_last_log = time.time(), time.time(), state.tokens
+    while state.step < total_steps:
+        loader = make_loader(dataset, collate, cfg.batch_size, world, accelerator.process_index, cfg.seed,
+                             state.epoch, skip_batches=state.batch_in_epoch)
+        batches = iter(loader)
+        while state.step < total_steps:
+            window = list(itertools.islice(batches, cfg.accumulation_steps))
+            if not window:
+                break
+            result = optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window)
+            if not math.isfinite(result["loss"]):
+                raise NonFiniteLoss(f"the loss became {result['loss']} at step {state.step + 1}; stopped without "
+                                    "saving, so the last checkpoint in checkpoints/ is the last good state")
+            lr = scheduler.get_last_lr()[0]
+            grad_norm = clip_and_step(accelerator, model, optimizer, scheduler, cfg)
+            state.step += 1
+            state.batch_in_epoch += len(window)
+            state.tokens += result.pop("tokens")
+            result.pop("units")
+            if state.step % cfg.log_interval == 0 or state.step == total_steps:
+                now = time.time()
+                row = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / max(1, per_epoch * cfg.accumulation_steps),
+                       "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
+                       "tokens_per_sec": (state.tokens - tokens_at_last_log) / max(now - last_log_time, 1e-9),
+                       "elapsed_sec": state.elapsed_sec + now - started, "world_size": world, **result}
+                metrics_log.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_sec']:.0f}")
+                last_log_time, tokens_at_last_log = now, state.tokens
+            bar.update(1)
+            if cfg.save_interval and state.step % cfg.save_interval == 0 and state.step < total_steps:
+                state.elapsed_sec += time.time() - started
+                started = time.time()
+                save_checkpoint(accelerator, out_dir, state, cfg.save_total_limit)
+        if state.step < total_steps:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    bar.close()
+    state.elapsed_sec += time.time() - started
+    save_checkpoint(accelerator, out_dir, state, cfg.save_total_limit)
+    final = save_final(accelerator, model, tokenizer, out_dir, spec, cfg)
+    accelerator.end_training()
+    say(f"done: {state.step} steps, {state.tokens} loss-bearing tokens, {state.elapsed_sec:.1f}s -> {final}")
+    return final
+
+
+def save_final(accelerator, model, tokenizer, out_dir: Path, spec, cfg) -> Path:
+    final = out_dir / "final"
+    # Under DeepSpeed every rank must join the gather of sharded weights; otherwise the model's own
+    # state dict (with its tied embedding) is what save_pretrained expects.
+    state_dict = accelerator.get_state_dict(model) if accelerator.state.deepspeed_plugin is not None else None
+    if accelerator.is_main_process:
+        save_hf(accelerator.unwrap_model(model), tokenizer, final, state_dict=state_dict)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,75 @@
+"""Loss building blocks shared by stages. Plain functions on tensors: no engine, no accelerator.
+
+Losses are returned as SUMS over their units (tokens, or pairs); the engine divides by the unit
+count of the whole optimizer step across micro-batches and ranks (DESIGN §7).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor
+    # Extra metrics as sums over the same units; the engine reports sum / units.
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Position t predicts token t+1: drop the first label and pad the end with IGNORE_INDEX."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def count_label_tokens(batch: dict) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over positions whose (unshifted) label is not ignored, in fp32."""
+    target = shifted_labels(labels)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(next token) and the mask of loss-bearing positions, both [batch, seq]."""
+    target = shifted_labels(labels)
+    mask = target != IGNORE_INDEX
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = torch.gather(logp, -1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * mask, mask
+
+
+def forward_logits(model, batch: dict):
+    """One forward pass; `use_cache=False` also keeps packed samples from attending to each other."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    return model(**kwargs)
+
+
+def causal_lm_loss(model, batch: dict, cfg=None, ctx=None) -> LossOutput:
+    """Next-token cross-entropy summed over loss-bearing tokens; an MoE model's router loss joins it."""
+    out = forward_logits(model, batch)
+    loss_sum = token_cross_entropy_sum(out.logits, batch["labels"])
+    metrics = {}
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None:
+        # Weighted by this micro-batch's tokens, so after the engine divides by the step's tokens
+        # the router loss enters as MiniMind adds it: coef · aux per batch.
+        n = count_label_tokens(batch)
+        coef = getattr(unwrap_config(model), "router_aux_loss_coef", 0.0)
+        loss_sum = loss_sum + coef * aux * n
+        metrics["aux_loss"] = aux.detach() * n
+    return LossOutput(loss_sum, metrics)
+
+
+def unwrap_config(model):
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "config", None)

@@ -1,0 +1,1 @@
+"""Built-in stages. Each module builds one StageSpec and registers it with the public register_stage()."""
