@@ -5,13 +5,14 @@ A user's mistake ends with exit code 2 and one readable message, never a traceba
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from typing import Callable
 
 from . import registry
 from .config import build_config, describe_fields, did_you_mean, parse_flags
-from .errors import UserError
+from .errors import NonFiniteLoss, UserError
 
 # Tool commands: name -> (module, config class, run function, one-line help). Imported lazily.
 TOOLS: dict[str, tuple[str, str, str, str]] = {
@@ -30,9 +31,14 @@ def _quiet_third_parties() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    import logging
+
     import transformers
 
     transformers.logging.set_verbosity_error()
+    # Tied embeddings make save_state warn on every checkpoint that the shared lm_head was dropped;
+    # it is re-tied on load, which the resume tests verify.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 def _has_cuda_quick() -> bool:
@@ -93,7 +99,7 @@ def top_help() -> str:
 
 def _config_for(cls, argv: list[str], command: str):
     if "--help" in argv or "-h" in argv:
-        doc = (cls.__doc__ or "").strip()
+        doc = inspect.cleandoc(cls.__doc__ or "")
         print(f"usage: python -m minimind_scale {command} [--config run.yaml] [--field value ...]\n")
         if doc:
             print(doc + "\n")
@@ -136,7 +142,7 @@ def run_tool(name: str, argv: list[str]) -> None:
 
 def dispatch(argv: list[str]) -> None:
     argv = strip_launcher_args(argv)
-    plugins, argv = pop_option(argv, "plugin", multiple=True)
+    plugins, argv = pop_option(argv, "plugin")  # one file per --plugin; repeat the flag for more
     registry.discover(plugins)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(top_help())
@@ -155,8 +161,6 @@ def dispatch(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None, on_error: Callable[[str], None] | None = None) -> None:
     _quiet_third_parties()
-    from .engine import NonFiniteLoss
-
     try:
         dispatch(sys.argv[1:] if argv is None else argv)
     except UserError as e:

@@ -63,30 +63,46 @@ class TrainConfig(StrictConfig):
 # --------------------------------------------------------------------------- parsing
 
 
-def _yaml_key_lines(path: Path) -> dict[str, int]:
+def _read_config_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {path}" + (" (it is a directory)" if p.is_dir() else ""))
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+
+
+def _yaml_key_lines(text: str) -> dict[str, int]:
     """Line number (1-based) of each top-level key in a YAML mapping, for error messages."""
     try:
-        node = yaml.compose(path.read_text())
+        node = yaml.compose(text)
     except yaml.YAMLError:
         return {}
     if not isinstance(node, yaml.MappingNode):
         return {}
-    return {k.value: k.start_mark.line + 1 for k, _ in node.value}
+    # Keys are matched by their text; a non-string key (`1: x`) simply gets no line number.
+    return {k.value: k.start_mark.line + 1 for k, _ in reversed(node.value) if isinstance(k, yaml.ScalarNode)}
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file not found: {path}")
+def _load_yaml_text(text: str, path: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
-        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a config file must be a mapping of field: value")
+        raise UserError(f"{path}: a config file must be a mapping of field: value, got {type(data).__name__}")
     return data
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    return _load_yaml_text(_read_config_text(path), path)
 
 
 def _is_list_field(annotation: Any) -> bool:
@@ -95,8 +111,16 @@ def _is_list_field(annotation: Any) -> bool:
     return any(get_origin(a) is list for a in get_args(annotation))
 
 
+def _is_optional(annotation: Any) -> bool:
+    return type(None) in get_args(annotation)
+
+
 def parse_flags(argv: list[str], cls: type[BaseModel]) -> dict[str, Any]:
-    """`--field value`, `--field=value`, `-`/`_` alike; list fields take every value up to the next flag."""
+    """`--field value`, `--field=value`, `-`/`_` alike; list fields take every value up to the next flag.
+
+    A bare boolean flag means true. Names that are not fields are kept (with their values, if any)
+    so that `build_config` can report them together with every other problem, with a did-you-mean.
+    """
     out: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -105,6 +129,8 @@ def parse_flags(argv: list[str], cls: type[BaseModel]) -> dict[str, Any]:
             raise UserError(f"unexpected argument {tok!r}: options look like --field value")
         name, eq, inline = tok[2:].partition("=")
         name = name.replace("-", "_")
+        if not name:
+            raise UserError(f"unexpected argument {tok!r}: options look like --field value")
         values: list[str] = [inline] if eq else []
         i += 1
         if not eq:
@@ -112,13 +138,18 @@ def parse_flags(argv: list[str], cls: type[BaseModel]) -> dict[str, Any]:
                 values.append(argv[i])
                 i += 1
         field = cls.model_fields.get(name)
-        if field is not None and _is_list_field(field.annotation):
+        if field is None:
+            # Reported by build_config as an unknown field (with a did-you-mean).
+            out[name] = values[0] if len(values) == 1 else values
+        elif _is_list_field(field.annotation):
+            if not values:
+                raise UserError(f"--{name} needs at least one value")
             out[name] = values
         elif not values:
             # a bare boolean flag means true, as users expect from --packing
-            out[name] = "true" if field is not None and field.annotation is bool else None
-            if out[name] is None:
+            if field.annotation is not bool:
                 raise UserError(f"--{name} needs a value")
+            out[name] = "true"
         elif len(values) > 1:
             raise UserError(f"--{name} takes one value, got {len(values)}: {' '.join(values)}")
         else:
@@ -136,33 +167,41 @@ def build_config(cls: type[BaseModel], flags: dict[str, Any], yaml_path: Optiona
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
     if yaml_path:
-        lines = _yaml_key_lines(Path(yaml_path))
-        for k, v in load_yaml(yaml_path).items():
+        text = _read_config_text(yaml_path)
+        data = _load_yaml_text(text, yaml_path)
+        lines = _yaml_key_lines(text)
+        for k, v in data.items():
             values[k] = v
-            origin[k] = f"{yaml_path}:{lines[k]}" if k in lines else yaml_path
+            origin[k] = f"{yaml_path}:{lines[k]}" if isinstance(k, str) and k in lines else yaml_path
     for k, v in flags.items():
         values[k] = v
         origin[k] = "command line"
-    # Strings from the command line become lists for list fields given in YAML as a scalar.
-    for k, v in list(values.items()):
-        f = cls.model_fields.get(k)
-        if f is not None and _is_list_field(f.annotation) and isinstance(v, str):
-            values[k] = [v]
     problems = []
-    for k in values:
-        if k not in cls.model_fields:
-            problems.append(f"{origin[k]}: unknown field '{k}'{did_you_mean(k, cls.model_fields)}")
-    if problems:
-        raise UserError("\n".join(problems))
+    known: dict[str, Any] = {}
+    for k, v in values.items():
+        f = cls.model_fields.get(k) if isinstance(k, str) else None
+        if f is None:
+            problems.append(f"{origin[k]}: unknown field '{k}'{did_you_mean(str(k), cls.model_fields)}")
+            continue
+        # Strings from the command line (or a scalar in YAML) become lists for list fields.
+        if _is_list_field(f.annotation) and isinstance(v, str):
+            v = [v]
+        # `--max_steps none` unsets an optional field that a YAML file set.
+        if _is_optional(f.annotation) and isinstance(v, str) and v.strip().lower() in ("none", "null"):
+            v = None
+        known[k] = v
     try:
-        return cls(**values)
+        cfg = cls(**known)
     except ValidationError as e:
         for err in e.errors():
             key = str(err["loc"][0]) if err["loc"] else "?"
             loc = ".".join(str(x) for x in err["loc"])
-            got = values.get(key, "<missing>")
+            got = known.get(key, "<missing>")
             problems.append(f"{origin.get(key, 'config')}: field '{loc}': {err['msg']} (got {got!r})")
         raise UserError("\n".join(problems)) from None
+    if problems:
+        raise UserError("\n".join(problems))
+    return cfg
 
 
 def _type_name(ann) -> str:

@@ -71,11 +71,41 @@ def load_deepspeed_config(path: str) -> dict:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
+def requested_process_count_from_launcher() -> int | None:
+    """--num_processes as typed to `accelerate launch`, read from the parent's command line (Linux).
+
+    `accelerate launch --cpu --num_processes N` starts one process and tells it nothing about N, so
+    the launcher's own arguments are the only place the mismatch shows.
+    """
+    try:
+        args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any(a.endswith("accelerate") or a == "launch" for a in args):
+        return None
+    for i, a in enumerate(args):
+        key, eq, val = a.partition("=")
+        if key in ("--num_processes", "--num-processes"):
+            val = val if eq else (args[i + 1] if i + 1 < len(args) else "")
+            return int(val) if val.isdigit() else None
+    return None
+
+
+def check_launcher(env: LaunchEnv) -> None:
+    if env.world_size == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+        asked = requested_process_count_from_launcher()
+        if asked and asked > 1:
+            raise UserError(f"`accelerate launch --cpu --num_processes {asked}` starts ONE process. For {asked} CPU "
+                            f"processes use `accelerate launch --multi_gpu --num_processes {asked} -m minimind_scale ...` "
+                            f"(or accelerate_configs/cpu.yaml, or `torchrun --nproc_per_node {asked}`).")
+
+
 def make_accelerator(cfg, tracker_dir: str | None = None):
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
     env = LaunchEnv.from_environ()
+    check_launcher(env)
     cuda = torch.cuda.is_available()
     precision = resolve_precision(cfg.dtype)
     # The engine decides when gradients sync (see engine.optimizer_step_window), never the data loader.

@@ -21,15 +21,16 @@ from tqdm.auto import tqdm
 from .checkpoint import TrainState, find_resume_checkpoint, read_state, save_checkpoint
 from .config import save_config
 from .data import batches_per_epoch, make_loader, prepare_dataset
-from .distributed import LaunchEnv, make_accelerator
-from .errors import UserError
+from .distributed import LaunchEnv, check_launcher, make_accelerator
+from .errors import NonFiniteLoss, UserError
 from .losses import count_label_tokens
 from .metrics import MetricsLog
 from .models import build_model, count_parameters, load_tokenizer, save_hf
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+# Fault-injection hook for the resume tests: seconds to sleep after each optimizer step, so a test can
+# kill the process between two checkpoints of an otherwise sub-second run.
+STEP_DELAY = float(os.environ.get("MINIMIND_SCALE_TEST_STEP_DELAY", "0"))
 
 
 def build_optimizer(model, cfg):
@@ -99,6 +100,7 @@ def clip_and_step(accelerator, model, optimizer, scheduler, cfg) -> float:
 
 def train(spec, cfg) -> Path:
     env = LaunchEnv.from_environ()
+    check_launcher(env)
     out_dir = Path(cfg.out_dir)
     say = print if env.is_main else (lambda *a, **k: None)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
@@ -186,6 +188,8 @@ def train(spec, cfg) -> Path:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_sec']:.0f}")
                 last_log_time, tokens_at_last_log = now, state.tokens
             bar.update(1)
+            if STEP_DELAY:
+                time.sleep(STEP_DELAY)
             if cfg.save_interval and state.step % cfg.save_interval == 0 and state.step < total_steps:
                 state.elapsed_sec += time.time() - started
                 started = time.time()

@@ -1,0 +1,68 @@
+"""Shared helpers: run the real command line in subprocesses, offline, with a private data cache."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DEMO = REPO / "minimind_scale" / "assets" / "demo"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared (real data, MiniMind tokenizer) is absent")
+
+
+def cli_env(cache: Path, **extra) -> dict:
+    env = dict(os.environ)
+    env.update(MINIMIND_SCALE_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
+    return env
+
+
+def run_cli(args: list[str], cache: Path, nproc: int = 1, timeout: int = 600, check: bool = True,
+            **env_extra) -> subprocess.CompletedProcess:
+    """`python -m minimind_scale ARGS`, or under torchrun with `nproc` CPU processes."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "minimind_scale", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "minimind_scale", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(cache, **env_extra))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def varied_sft(tmp_path_factory) -> Path:
+    """Conversations of 1-4 turns from the bundled demo data, so token counts differ a lot between
+    samples: a mean of per-batch means would then differ from the token mean."""
+    rows = [json.loads(line) for line in (DEMO / "sft.jsonl").read_text().splitlines()[:200]]
+    out = tmp_path_factory.mktemp("data") / "varied_sft.jsonl"
+    with open(out, "w") as f:
+        i = 0
+        for n in range(48):
+            turns = 1 + (n * 7) % 4
+            conv = []
+            for r in rows[i:i + turns]:
+                conv += r["conversations"][-2:]
+            i += turns
+            f.write(json.dumps({"conversations": conv}) + "\n")
+    return out
