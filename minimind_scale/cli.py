@@ -69,16 +69,16 @@ def pop_option(argv: list[str], name: str, multiple: bool = False) -> tuple[list
     while i < len(argv):
         key, eq, val = argv[i].partition("=")
         if key in keys:
-            if eq:
-                values.append(val)
+            found = [val] if eq else []
+            i += 1
+            while not eq and i < len(argv) and not argv[i].startswith("--"):
+                found.append(argv[i])
                 i += 1
-            else:
-                i += 1
-                while i < len(argv) and not argv[i].startswith("--"):
-                    values.append(argv[i])
-                    i += 1
-                    if not multiple:
-                        break
+                if not multiple:
+                    break
+            if not any(found):
+                raise UserError(f"{key} needs a value")
+            values += found
             continue
         rest.append(argv[i])
         i += 1

@@ -70,11 +70,18 @@ def check_data_files(paths: list[str]) -> list[Path]:
         raise UserError("no data: give --data_path FILE [FILE ...]")
     files = [Path(p) for p in paths]
     for p in files:
+        if p.is_dir():
+            raise UserError(f"{p} is a directory; --data_path takes jsonl files")
         if not p.is_file():
             raise UserError(f"data file not found: {p}")
-        if p.stat().st_size == 0:
-            raise UserError(f"{p}: the data file is empty")
+        if not _has_a_record(p):
+            raise UserError(f"{p}: the data file is empty (no non-blank line)")
     return files
+
+
+def _has_a_record(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
 
 
 def _read_lines(path: str) -> Iterator[dict]:
@@ -91,7 +98,7 @@ def _encode_rows(batch: dict, encode, tokenizer, cfg, columns: list[str]) -> dic
     for number, raw in zip(batch["line"], batch["raw"]):
         encoded, error = None, ""
         try:
-            record = json.loads(raw.decode("utf-8"))
+            record = json.loads(raw.decode("utf-8").rstrip("\r\n"))
             if not isinstance(record, dict):
                 raise RecordError("record", "a line must hold one JSON object")
             encoded = encode(record, tokenizer, cfg)
@@ -131,7 +138,7 @@ class DataReport:
     def summary(self) -> str:
         text = f"{self.records} records"
         if self.skipped:
-            text += f", {self.skipped} bad ones skipped (" + ", ".join(f"{k}: {v}" for k, v in self.reasons.items()) + ")"
+            text += f", {self.skipped} malformed skipped (" + ", ".join(f"{k}: {v}" for k, v in self.reasons.items()) + ")"
         return text
 
 

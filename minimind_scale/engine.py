@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 from .checkpoint import TrainState, find_resume_checkpoint, read_state, save_checkpoint
 from .config import save_config
 from .data import batches_per_epoch, make_loader, prepare_dataset
-from .distributed import LaunchEnv, check_launcher, make_accelerator
+from .distributed import LaunchEnv, check_launcher, load_deepspeed_config, make_accelerator
 from .errors import NonFiniteLoss, UserError
 from .losses import count_label_tokens
 from .metrics import MetricsLog
-from .models import build_model, count_parameters, load_tokenizer, save_hf
+from .models import build_model, check_model_source, count_parameters, load_tokenizer, save_hf
 
 
 # Fault-injection hook for the resume tests: seconds to sleep after each optimizer step, so a test can
@@ -103,6 +103,11 @@ def train(spec, cfg) -> Path:
     check_launcher(env)
     out_dir = Path(cfg.out_dir)
     say = print if env.is_main else (lambda *a, **k: None)
+    # Everything a typo could break is checked before the (possibly long) tokenisation.
+    check_model_source(cfg.model, cfg.hidden_size, cfg.num_hidden_layers)
+    if cfg.deepspeed:
+        load_deepspeed_config(cfg.deepspeed)
+    find_resume_checkpoint(cfg.resume, out_dir)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     # Tokenise before any process group exists: other local ranks wait on the file system, so a
     # long first tokenisation can never hit a collective timeout.

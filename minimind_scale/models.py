@@ -92,16 +92,26 @@ def is_model_dir(model: str) -> bool:
     return (Path(model) / "config.json").is_file()
 
 
+def check_model_source(model: str, hidden_size: Optional[int] = None, num_hidden_layers: Optional[int] = None) -> None:
+    """Fail before any data work when --model names nothing usable."""
+    if model in PRESETS:
+        return
+    if not is_model_dir(model):
+        from .config import did_you_mean
+
+        raise UserError(f"model '{model}' is neither a preset{did_you_mean(model, PRESETS)} ({', '.join(PRESETS)}) "
+                        "nor a directory with config.json")
+    if hidden_size or num_hidden_layers:
+        raise UserError("hidden_size / num_hidden_layers only apply when starting from a preset, not from a model directory")
+
+
 def build_model(model: str, tokenizer: PreTrainedTokenizerBase, hidden_size: Optional[int] = None,
                 num_hidden_layers: Optional[int] = None) -> PreTrainedModel:
     """A fresh model from a preset (vocab follows the tokenizer) or a pretrained HF directory."""
     if model in PRESETS:
         cfg = preset_config(model, len(tokenizer), tokenizer, hidden_size, num_hidden_layers)
         return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    if not is_model_dir(model):
-        raise UserError(f"model '{model}' is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
-    if hidden_size or num_hidden_layers:
-        raise UserError("hidden_size / num_hidden_layers only apply when starting from a preset, not from a model directory")
+    check_model_source(model, hidden_size, num_hidden_layers)
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     if m.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(f"{model}: its vocabulary ({m.get_input_embeddings().num_embeddings}) is smaller than the tokenizer's ({len(tokenizer)})")
