@@ -27,6 +27,9 @@ from .errors import RecordError, UserError
 CACHE_FORMAT = 1
 MAX_REPORTED_ERRORS = 10
 IGNORE_INDEX = -100
+# A well-formed sample whose loss-bearing part lies beyond max_seq_len: it would train nothing, so it
+# is dropped and counted, not treated as malformed.
+NO_LOSS = "no loss-bearing token"
 
 
 def cache_root(cfg) -> Path:
@@ -103,7 +106,7 @@ def _encode_rows(batch: dict, encode, tokenizer, cfg, columns: list[str]) -> dic
                 raise RecordError("record", "a line must hold one JSON object")
             encoded = encode(record, tokenizer, cfg)
             if "labels" in encoded and all(x == IGNORE_INDEX for x in encoded["labels"]):
-                raise RecordError("labels", f"no loss-bearing token within max_seq_len {cfg.max_seq_len}")
+                raise RecordError("labels", f"{NO_LOSS} within max_seq_len {cfg.max_seq_len}")
         except UnicodeDecodeError as e:
             error = f"not UTF-8 text (bad byte at offset {e.start})"
         except json.JSONDecodeError as e:
@@ -134,9 +137,12 @@ class DataReport:
     records: int
     skipped: int
     reasons: dict[str, int]
+    too_long: int = 0  # dropped: no loss-bearing token within max_seq_len
 
     def summary(self) -> str:
         text = f"{self.records} records"
+        if self.too_long:
+            text += f", {self.too_long} dropped with no loss-bearing token within max_seq_len"
         if self.skipped:
             text += f", {self.skipped} malformed skipped (" + ", ".join(f"{k}: {v}" for k, v in self.reasons.items()) + ")"
         return text
@@ -162,16 +168,20 @@ def _encode_file(path: Path, spec, cfg, tokenizer, work_dir: Path, columns: list
     )
 
 
-def _collect_errors(parts: list[tuple[Path, datasets.Dataset]]) -> tuple[list[str], Counter, int]:
-    shown, reasons, total = [], Counter(), 0
+def _collect_errors(parts: list[tuple[Path, datasets.Dataset]]) -> tuple[list[str], Counter, int, int]:
+    """(first problems as file:line texts, count per reason, malformed count, dropped-as-too-long count)."""
+    shown, reasons, malformed, no_loss = [], Counter(), 0, 0
     for path, ds in parts:
         bad = ds.select_columns(["_error", "_line"]).filter(lambda e: e != "", input_columns="_error")
-        total += len(bad)
         for row in bad:
+            if NO_LOSS in row["_error"]:
+                no_loss += 1
+                continue
+            malformed += 1
             reasons[row["_error"].split(":")[0]] += 1
             if len(shown) < MAX_REPORTED_ERRORS:
                 shown.append(f"{path}:{row['_line']}: {row['_error']}")
-    return shown, reasons, total
+    return shown, reasons, malformed, no_loss
 
 
 def build_dataset(spec, cfg, tokenizer, files: list[Path], target: Path) -> DataReport:
@@ -183,19 +193,19 @@ def build_dataset(spec, cfg, tokenizer, files: list[Path], target: Path) -> Data
         columns = _probe_columns(files[0], spec.encode, tokenizer, cfg)
         parts = [(p, _encode_file(p, spec, cfg, tokenizer, work, columns)) for p in files]
         datasets.disable_progress_bars()
-        shown, reasons, n_bad = _collect_errors(parts)
+        shown, reasons, n_bad, n_no_loss = _collect_errors(parts)
         n_all = sum(len(ds) for _, ds in parts)
         if n_bad and not cfg.skip_bad_records:
             more = f"\n... and {n_bad - len(shown)} more" if n_bad > len(shown) else ""
             raise UserError(f"{n_bad} of {n_all} records are malformed (set skip_bad_records true to skip them):\n"
                             + "\n".join(shown) + more)
         merged = datasets.concatenate_datasets([ds for _, ds in parts])
-        if n_bad:
+        if n_bad or n_no_loss:
             merged = merged.filter(lambda e: e == "", input_columns="_error")
         if len(merged) == 0:
             raise UserError(f"no usable record in {', '.join(map(str, files))}")
         merged = merged.remove_columns(["_error", "_line"])
-        report = DataReport(records=len(merged), skipped=n_bad, reasons=dict(reasons))
+        report = DataReport(records=len(merged), skipped=n_bad, reasons=dict(reasons), too_long=n_no_loss)
         merged.save_to_disk(str(work / "final"))
         (work / "final" / "data_report.json").write_text(json.dumps(report.__dict__, indent=1))
         try:

@@ -1,0 +1,66 @@
+"""Data pipeline units: caching, dropped samples, sampler positions, padding."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minimind_scale.data import EpochSampler, pad_collate, prepare_dataset
+from minimind_scale.models import load_tokenizer
+from minimind_scale.registry import discover, get_stage
+
+
+@pytest.fixture(scope="module")
+def sft():
+    discover()
+    return get_stage("sft")
+
+
+def _cfg(spec, path, tmp_path, **kw):
+    return spec.config(data_path=[str(path)], num_proc=1, cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_sample_without_loss_tokens_is_dropped_and_counted(sft, tmp_path):
+    tok = load_tokenizer(None)
+    path = tmp_path / "d.jsonl"
+    long_question = "why " * 200
+    rows = [{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"conversations": [{"role": "user", "content": long_question}, {"role": "assistant", "content": "ok"}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds, where, report = prepare_dataset(sft, _cfg(sft, path, tmp_path, max_seq_len=64), tok, log=lambda *_: None)
+    assert len(ds) == 1 and report.too_long == 1 and report.skipped == 0
+    assert json.loads((where / "data_report.json").read_text())["too_long"] == 1
+    # A longer limit keeps both, in a different cache entry.
+    ds2, where2, report2 = prepare_dataset(sft, _cfg(sft, path, tmp_path, max_seq_len=1024), tok, log=lambda *_: None)
+    assert len(ds2) == 2 and report2.too_long == 0 and where2 != where
+
+
+def test_cache_key_follows_content_not_name(sft, tmp_path):
+    tok = load_tokenizer(None)
+    row = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    _, first, _ = prepare_dataset(sft, _cfg(sft, path, tmp_path), tok, log=lambda *_: None)
+    path.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    ds, second, _ = prepare_dataset(sft, _cfg(sft, path, tmp_path), tok, log=lambda *_: None)
+    assert second != first and len(ds) == 2
+
+
+def test_sampler_skip_continues_the_same_order():
+    data = list(range(23))
+    full = list(EpochSampler(data, num_replicas=2, rank=1, seed=3, epoch=4))
+    resumed = list(EpochSampler(data, num_replicas=2, rank=1, seed=3, epoch=4, skip=5))
+    assert resumed == full[5:]
+    assert list(EpochSampler(data, 2, 1, seed=3, epoch=5)) != full  # a new epoch reshuffles
+    # Both ranks together cover every sample (the last one padded by repetition).
+    both = full + list(EpochSampler(data, 2, 0, seed=3, epoch=4))
+    assert set(both) == set(data) and len(both) == 24
+
+
+def test_pad_collate_masks_padding():
+    batch = pad_collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["input_ids"].dtype == torch.long
