@@ -36,6 +36,7 @@ def _quiet_third_parties() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars: noise at these sizes
     # Tied embeddings make save_state warn on every checkpoint that the shared lm_head was dropped;
     # it is re-tied on load, which the resume tests verify.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)

@@ -289,8 +289,22 @@ def pad_collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+class IndexedRows(torch.utils.data.Dataset):
+    """Rows with their position in the data set as `_index`, so a stage can look up per-row state
+    it computed once (e.g. DPO's precomputed reference log-probabilities)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return {**self.dataset[int(i)], "_index": int(i)}
+
+
 def make_loader(dataset, collate, batch_size: int, world: int, rank: int, seed: int, epoch: int,
                 skip_batches: int = 0, shuffle: bool = True, num_workers: int = 0):
     sampler = EpochSampler(dataset, world, rank, seed, epoch, skip=skip_batches * batch_size, shuffle=shuffle)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                                       num_workers=num_workers, drop_last=False)
+    return torch.utils.data.DataLoader(IndexedRows(dataset), batch_size=batch_size, sampler=sampler,
+                                       collate_fn=collate, num_workers=num_workers, drop_last=False)

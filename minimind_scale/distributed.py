@@ -8,6 +8,7 @@ DeepSpeed silently runs plain DDP; `accelerate launch --cpu` starts one process 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -100,6 +101,28 @@ def check_launcher(env: LaunchEnv) -> None:
                             f"(or accelerate_configs/cpu.yaml, or `torchrun --nproc_per_node {asked}`).")
 
 
+@contextlib.contextmanager
+def whole_model_construction(accelerator):
+    """Build models whole, never under DeepSpeed's zero.Init.
+
+    transformers builds every model under zero.Init while a ZeRO-3 config is registered with it (and
+    accelerate always registers one). prepare() partitions the trained model afterwards instead: at
+    MiniMind sizes (≤ 200M) that costs little, keeps the initial weights identical on every backend,
+    and leaves inference-only models (DPO reference, distillation teacher) as full replicas per rank.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def make_accelerator(cfg, tracker_dir: str | None = None):
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
@@ -120,7 +143,8 @@ def make_accelerator(cfg, tracker_dir: str | None = None):
         ds_config = load_deepspeed_config(cfg.deepspeed)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config,
                                                      gradient_accumulation_steps=cfg.accumulation_steps,
-                                                     gradient_clipping=cfg.grad_clip or None)
+                                                     gradient_clipping=cfg.grad_clip or None,
+                                                     zero3_init_flag=False)
         if not cuda:
             handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30))]
     else:

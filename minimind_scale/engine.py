@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from .checkpoint import TrainState, find_resume_checkpoint, read_state, save_checkpoint
 from .config import save_config
 from .data import batches_per_epoch, make_loader, prepare_dataset
-from .distributed import LaunchEnv, check_launcher, load_deepspeed_config, make_accelerator
+from .distributed import (LaunchEnv, check_launcher, load_deepspeed_config, make_accelerator,
+                          whole_model_construction)
 from .errors import NonFiniteLoss, UserError
 from .losses import count_label_tokens
 from .metrics import MetricsLog
@@ -40,9 +41,14 @@ def build_optimizer(model, cfg):
         raise UserError("the model has no trainable parameters")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2))
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if cfg.deepspeed and "offload_optimizer" in load_deepspeed_config(cfg.deepspeed).get("zero_optimization", {}):
+        # ZeRO's optimizer offload steps on the CPU and accepts only DeepSpeed's CPU Adam (AdamW mode).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
 
 
 def build_scheduler(optimizer, cfg, total_steps: int):
@@ -55,6 +61,18 @@ def build_scheduler(optimizer, cfg, total_steps: int):
 def reduce_sum(accelerator, values: list[float | torch.Tensor]) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=accelerator.device)
     return accelerator.reduce(t, reduction="sum").tolist() if accelerator.num_processes > 1 else t.tolist()
+
+
+def peak_memory_mb(accelerator) -> float:
+    """The largest per-process peak over ranks: allocated CUDA memory, or resident memory on a CPU."""
+    if torch.cuda.is_available():
+        mine = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        import resource
+
+        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    t = torch.tensor([mine], dtype=torch.float64, device=accelerator.device)
+    return float(accelerator.reduce(t, reduction="max")) if accelerator.num_processes > 1 else mine
 
 
 def move(batch: dict, device) -> dict:
@@ -117,10 +135,11 @@ def train(spec, cfg) -> Path:
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
-    model = build_model(cfg.model, tokenizer, cfg.hidden_size, cfg.num_hidden_layers)
-    ctx = SimpleNamespace(tokenizer=tokenizer, accelerator=accelerator, out_dir=out_dir)
-    if spec.setup is not None:
-        model = spec.setup(model, cfg, ctx)
+    ctx = SimpleNamespace(tokenizer=tokenizer, accelerator=accelerator, out_dir=out_dir, dataset=dataset)
+    with whole_model_construction(accelerator):
+        model = build_model(cfg.model, tokenizer, cfg.hidden_size, cfg.num_hidden_layers)
+        if spec.setup is not None:
+            model = spec.setup(model, cfg, ctx)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -188,7 +207,8 @@ def train(spec, cfg) -> Path:
                 row = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / max(1, per_epoch * cfg.accumulation_steps),
                        "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
                        "tokens_per_sec": (state.tokens - tokens_at_last_log) / max(now - last_log_time, 1e-9),
-                       "elapsed_sec": state.elapsed_sec + now - started, "world_size": world, **result}
+                       "elapsed_sec": state.elapsed_sec + now - started, "world_size": world,
+                       "peak_mem_mb": peak_memory_mb(accelerator), **result}
                 metrics_log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_sec']:.0f}")
                 last_log_time, tokens_at_last_log = now, state.tokens
@@ -205,18 +225,20 @@ def train(spec, cfg) -> Path:
     bar.close()
     state.elapsed_sec += time.time() - started
     save_checkpoint(accelerator, out_dir, state, cfg.save_total_limit)
-    final = save_final(accelerator, model, tokenizer, out_dir, spec, cfg)
+    final = save_final(accelerator, model, tokenizer, out_dir, spec, cfg, ctx)
     accelerator.end_training()
     say(f"done: {state.step} steps, {state.tokens} loss-bearing tokens, {state.elapsed_sec:.1f}s -> {final}")
     return final
 
 
-def save_final(accelerator, model, tokenizer, out_dir: Path, spec, cfg) -> Path:
+def save_final(accelerator, model, tokenizer, out_dir: Path, spec, cfg, ctx) -> Path:
     final = out_dir / "final"
     # Under DeepSpeed every rank must join the gather of sharded weights; otherwise the model's own
     # state dict (with its tied embedding) is what save_pretrained expects.
     state_dict = accelerator.get_state_dict(model) if accelerator.state.deepspeed_plugin is not None else None
     if accelerator.is_main_process:
         save_hf(accelerator.unwrap_model(model), tokenizer, final, state_dict=state_dict)
+        if spec.finalize is not None:
+            spec.finalize(accelerator.unwrap_model(model), tokenizer, final, cfg, ctx)
     accelerator.wait_for_everyone()
     return final

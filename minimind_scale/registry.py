@@ -37,6 +37,8 @@ class StageSpec(BaseModel):
         normalise an optimizer step over every micro-batch and rank.
     setup(model, cfg, ctx) -> model: optional changes after loading (adapters, frozen parts,
         auxiliary models stored in ctx).
+    finalize(model, tokenizer, final_dir, cfg, ctx): optional extra outputs after final/ is written,
+        on the main process (e.g. a merged copy of an adapter model).
     packable: whether rows may be packed (every column is per-token and aligned with input_ids).
     """
 
@@ -50,6 +52,7 @@ class StageSpec(BaseModel):
     loss: Callable[..., Any]
     loss_units: Callable[[dict], Any]
     setup: Optional[Callable[..., Any]] = None
+    finalize: Optional[Callable[..., Any]] = None
     aliases: tuple[str, ...] = ()
     packable: bool = True
     # Config fields that change the tokenised data; they join the cache key.

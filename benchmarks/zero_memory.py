@@ -1,0 +1,57 @@
+"""Per-process peak memory of DDP vs DeepSpeed ZeRO-1/2/3 at 2 processes, same model and batch.
+
+    python benchmarks/zero_memory.py [--model minimind2] [--steps 3] [--out benchmarks/results/zero_memory.json]
+
+Runs the real `sft` command under torchrun for each backend and reads `peak_mem_mb` (the largest
+per-process peak over ranks: resident memory on CPU, allocated CUDA memory on GPUs) from each run's
+metrics.jsonl. Prints a Markdown table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BACKENDS = {"DDP": None, "ZeRO-1": "zero1.json", "ZeRO-2": "zero2.json", "ZeRO-3": "zero3.json"}
+
+
+def run(backend: str, ds_file: str | None, args, work: Path) -> dict:
+    out = work / backend
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "minimind_scale", "pretrain", "--model", args.model, "--data_path", str(args.data),
+           "--out_dir", str(out), "--max_steps", str(args.steps), "--batch_size", "2", "--accumulation_steps", "1",
+           "--max_seq_len", "256", "--dtype", "fp32", "--log_interval", "1", "--save_interval", "0",
+           "--num_proc", "1", "--resume", "never"]
+    if ds_file:
+        cmd += ["--deepspeed", str(REPO / "ds_configs" / ds_file)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MINIMIND_SCALE_CACHE=str(work / "cache"), DS_ACCELERATOR="cpu")
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"backend": backend, "peak_mem_mb": max(r["peak_mem_mb"] for r in rows),
+            "sec_per_step": rows[-1]["elapsed_sec"] / len(rows), "final_loss": rows[-1]["loss"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="minimind2")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--data", default=str(REPO / "minimind_scale" / "assets" / "demo" / "pretrain.jsonl"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "zero_memory.json"))
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [run(name, f, args, Path(tmp)) for name, f in BACKENDS.items()]
+    print(f"\n{args.model}, 2 processes, batch 2x256 per process, fp32, {args.steps} steps\n")
+    print("| backend | peak memory per process (MB) | s/step |\n|---|---|---|")
+    for r in results:
+        print(f"| {r['backend']} | {r['peak_mem_mb']:.0f} | {r['sec_per_step']:.2f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"model": args.model, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

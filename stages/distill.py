@@ -1,0 +1,135 @@
+"""distill: train a student on SFT conversations against a teacher's soft targets.
+
+loss = alpha·CE(labels) + (1 - alpha)·T²·KL(teacher_T ‖ student_T), over assistant tokens only.
+Reasoning distillation is the same stage on conversations with `reasoning_content` (rendered as a
+`<think>` block and labelled like the answer); `delimiter_weight` optionally up-weights the CE of
+the `<think>` / `</think>` tokens and of the first answer token, as MiniMind's reasoning stage did.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from minimind_scale import LossOutput, StageSpec, TrainConfig, register_stage
+from minimind_scale.distillation import distillation_loss
+from minimind_scale.errors import UserError
+from minimind_scale.losses import count_label_tokens, forward_logits
+from minimind_scale.models import is_model_dir
+from minimind_scale.stages.full_sft import collate, encode
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class DistillConfig(TrainConfig):
+    """MiniMind's distillation defaults: alpha 0.5, temperature 1.5. lr 1e-5 as for full_sft (the
+    student is usually an SFT model already; raise it for a student from a preset), 512-token rows.
+    A student started from a preset uses the teacher's tokenizer unless `tokenizer` is given."""
+
+    teacher: Optional[str] = Field(None, validate_default=True, description="(required) the teacher model directory; must share the student's vocabulary")
+    model: str = Field("minimind2-small", description="the student: a preset (from scratch) or a model directory")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label CE; 1 - alpha goes to the KL term")
+    temperature: float = Field(1.5, gt=0, description="softmax temperature T of both models in the KL term (scaled by T²)")
+    delimiter_weight: float = Field(1.0, gt=0, description="CE weight of <think>, </think> and the first answer token (reasoning distillation; 1 = off)")
+    learning_rate: float = Field(1e-5, gt=0, description="peak learning rate")
+    batch_size: int = Field(16, ge=1, description="conversations per micro-batch per process")
+    max_seq_len: int = Field(512, ge=8, description="tokens per conversation; longer ones keep their prefix")
+    out_dir: str = Field("out/distill", description="where config.yaml, metrics.jsonl, checkpoints/ and final/ go")
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_is_a_model(cls, v: Optional[str]) -> str:
+        if v is None:
+            raise ValueError("required: give --teacher DIR (a Hugging Face model directory)")
+        if not is_model_dir(v):
+            raise ValueError(f"{v} is not a Hugging Face model directory (no config.json)")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_tokenizer_for_a_new_student(cls, data):
+        # A student from a preset has no tokenizer of its own; the shipped default would give it a
+        # different vocabulary from the teacher's, which KD cannot bridge.
+        if isinstance(data, dict) and data.get("tokenizer") is None and isinstance(data.get("teacher"), str):
+            model = data.get("model", cls.model_fields["model"].default)
+            if not is_model_dir(str(model)) and (Path(data["teacher"]) / "tokenizer_config.json").is_file():
+                data = {**data, "tokenizer": data["teacher"]}
+        return data
+
+
+def check_same_vocabulary(student, teacher, teacher_dir: str, tokenizer) -> None:
+    vs, vt = student.config.vocab_size, teacher.config.vocab_size
+    if vs != vt:
+        raise UserError(f"the teacher {teacher_dir} has a vocabulary of {vt} tokens and the student has {vs}: "
+                        "distillation compares their distributions token by token, so they must share one tokenizer")
+    if (Path(teacher_dir) / "tokenizer_config.json").is_file():
+        from minimind_scale.models import load_tokenizer
+
+        if load_tokenizer(teacher_dir).get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"the teacher {teacher_dir} and the student both have {vs} tokens but different "
+                            "tokenizers: distillation needs the same tokenizer")
+
+
+def setup(model, cfg, ctx):
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32)
+    check_same_vocabulary(model, teacher, cfg.teacher, ctx.tokenizer)
+    # A full replica on every rank (never prepared), also under ZeRO-3: fine at MiniMind's sizes.
+    ctx.teacher = teacher.eval().requires_grad_(False).to(ctx.accelerator.device)
+    ctx.delimiters = delimiter_ids(ctx.tokenizer)
+    return model
+
+
+def delimiter_ids(tokenizer) -> tuple[Optional[int], Optional[int], set[int]]:
+    """(<think> id, </think> id, ids of whitespace-only tokens), None where a tag is not one token."""
+    def single(text):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[0] if len(ids) == 1 else None
+
+    blank = {i for t in ("\n", "\n\n", " ") for i in tokenizer(t, add_special_tokens=False)["input_ids"]
+             if not tokenizer.decode([i]).strip()}
+    return single(THINK_OPEN), single(THINK_CLOSE), blank
+
+
+def delimiter_weights(input_ids: torch.Tensor, labels: torch.Tensor, delimiters, weight: float) -> torch.Tensor:
+    """Per-token weights aligned with labels: `weight` on loss-bearing <think>, </think> and the first
+    non-blank token after </think> (where the answer starts), 1 elsewhere."""
+    open_id, close_id, blank = delimiters
+    w = torch.ones(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    for tag in (open_id, close_id):
+        if tag is not None:
+            w[input_ids == tag] = weight
+    if close_id is not None:
+        for row, pos in (input_ids == close_id).nonzero().tolist():
+            pos += 1
+            while pos < input_ids.shape[1] and int(input_ids[row, pos]) in blank:
+                pos += 1
+            if pos < input_ids.shape[1]:
+                w[row, pos] = weight
+    return torch.where(labels != -100, w, torch.ones_like(w))
+
+
+def loss(model, batch: dict, cfg, ctx) -> LossOutput:
+    student = forward_logits(model, batch).logits
+    with torch.no_grad(), ctx.accelerator.autocast():
+        teacher = forward_logits(ctx.teacher, batch).logits
+    weights = None
+    if cfg.delimiter_weight != 1.0:
+        weights = delimiter_weights(batch["input_ids"], batch["labels"], ctx.delimiters, cfg.delimiter_weight)
+    total, ce, kd = distillation_loss(student, teacher, batch["labels"], cfg.alpha, cfg.temperature, weights)
+    return LossOutput(total, {"ce_loss": ce.detach(), "kd_loss": kd.detach()})
+
+
+SPEC = register_stage(StageSpec(
+    name="distill",
+    help="knowledge distillation from a teacher model on conversations (also reasoning distillation)",
+    config=DistillConfig,
+    encode=encode,
+    collate=collate,
+    loss=loss,
+    loss_units=count_label_tokens,
+    setup=setup,
+))

@@ -1,0 +1,204 @@
+"""dpo: direct preference optimisation on {"chosen": [messages], "rejected": [messages]} pairs.
+
+The unit of the loss is the pair: `loss` returns the sum of per-pair losses and every metric as a sum
+over pairs, so the engine's per-step normalisation reports means over all pairs of the step.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field
+
+from minimind_scale import LossOutput, StageSpec, TrainConfig, register_stage
+from minimind_scale.conversation import encode_chat, normalize_messages
+from minimind_scale.data import IGNORE_INDEX, NO_LOSS, file_fingerprint, pad_collate
+from minimind_scale.errors import RecordError, UserError
+from minimind_scale.losses import forward_logits
+from minimind_scale.models import is_model_dir
+from minimind_scale.preference import dpo_loss, sequence_logprobs
+
+SIDES = ("chosen", "rejected")
+
+
+class DPOConfig(TrainConfig):
+    """MiniMind's DPO set-up (train_dpo.py): batch 4, 1024-token conversations, 1 epoch, beta 0.15.
+    lr 1e-6: MiniMind goes down to 4e-8 for long runs on large preference sets; on small data a small
+    model needs ~1e-6 to move at all, and DPO diverges quickly above ~1e-5."""
+
+    model: str = Field("out/full_sft/final", description="the policy's starting model (usually an SFT run's final/)")
+    ref_model: Optional[str] = Field(None, description="frozen reference model directory (default: a copy of the starting model)")
+    beta: float = Field(0.15, gt=0, description="strength of the KL tie to the reference (DPO's beta)")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="sigmoid = DPO, ipo = IPO, hinge = SLiC")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed rate of flipped preference labels (conservative DPO; sigmoid only)")
+    precompute_ref: bool = Field(False, description="compute the reference log-probs once before training (cached) and free the reference model")
+    learning_rate: float = Field(1e-6, gt=0, description="peak learning rate")
+    batch_size: int = Field(4, ge=1, description="preference pairs per micro-batch per process (2x rows: chosen + rejected)")
+    max_seq_len: int = Field(1024, ge=8, description="tokens per conversation; longer ones keep their prefix")
+    epochs: int = Field(1, ge=1, description="passes over the data (ignored when max_steps is set)")
+    out_dir: str = Field("out/dpo", description="where config.yaml, metrics.jsonl, checkpoints/ and final/ go")
+
+
+def encode(record: dict, tokenizer, cfg) -> dict:
+    out, normalized = {}, {}
+    for side in SIDES:
+        messages, tools = normalize_messages(record, key=side)
+        normalized[side] = (messages, tools)
+        enc = encode_chat(messages, tools, tokenizer, cfg.max_seq_len)
+        if all(x == IGNORE_INDEX for x in enc["labels"]):
+            # Worded with NO_LOSS so the pipeline counts the pair as too long, not as malformed.
+            raise RecordError(side, f"{NO_LOSS} within max_seq_len {cfg.max_seq_len}")
+        out[f"{side}_input_ids"] = enc["input_ids"]
+        out[f"{side}_labels"] = enc["labels"]
+    if normalized["chosen"] == normalized["rejected"]:
+        raise RecordError("rejected", "is identical to chosen (a preference pair must differ)")
+    return out
+
+
+def collate(rows, tokenizer, cfg):
+    """Chosen rows first, then rejected, padded together: a pair can never be split across micro-batches."""
+    sides = [{"input_ids": r[f"{s}_input_ids"], "labels": r[f"{s}_labels"]} for s in SIDES for r in rows]
+    batch = pad_collate(sides, tokenizer.pad_token_id)
+    if rows and "_index" in rows[0]:
+        batch["_index"] = torch.tensor([r["_index"] for r in rows], dtype=torch.long)
+    return batch
+
+
+def count_pairs(batch: dict) -> int:
+    return batch["input_ids"].shape[0] // 2
+
+
+def split_pairs(logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = logps.shape[0] // 2
+    return logps[:n], logps[n:]
+
+
+@torch.no_grad()
+def reference_logps(ref, batch: dict, accelerator) -> torch.Tensor:
+    with accelerator.autocast():
+        logits = forward_logits(ref, batch).logits
+    return sequence_logprobs(logits, batch["labels"])
+
+
+def load_reference(model, cfg, ctx):
+    """A frozen fp32 reference. It is a full replica on every rank even under ZeRO-3 (never passed
+    to accelerator.prepare): fine for MiniMind's sizes, and `precompute_ref` frees it anyway."""
+    if cfg.ref_model is None:
+        ref = copy.deepcopy(model)
+    else:
+        if not is_model_dir(cfg.ref_model):
+            raise UserError(f"ref_model {cfg.ref_model}: not a Hugging Face model directory (no config.json)")
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model, dtype=torch.float32)
+        if ref.config.vocab_size != model.config.vocab_size:
+            raise UserError(f"ref_model {cfg.ref_model} has a vocabulary of {ref.config.vocab_size} tokens and the "
+                            f"policy {cfg.model} has {model.config.vocab_size}: they must share a tokenizer")
+    ref.eval().requires_grad_(False)
+    return ref.to(ctx.accelerator.device)
+
+
+def reference_cache_file(cfg, ctx) -> Optional[Path]:
+    """Next to the tokenised data set (whose directory name already keys the data, tokenizer and
+    max_seq_len), named by the reference weights and the precision; None when the reference is a
+    preset's random initialisation, which is not worth caching."""
+    source = cfg.ref_model or cfg.model
+    weights = sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin"))
+    files = getattr(ctx.dataset, "cache_files", None)
+    if not is_model_dir(source) or not weights or not files:
+        return None
+    key = hashlib.sha256(json.dumps({
+        "weights": [file_fingerprint(p) for p in weights],
+        "precision": ctx.accelerator.mixed_precision,
+        "rows": len(ctx.dataset),
+    }).encode()).hexdigest()[:20]
+    return Path(files[0]["filename"]).parent / f"dpo_ref_logps-{key}.pt"
+
+
+def precompute_reference(ref, cfg, ctx) -> torch.Tensor:
+    """[rows, 2] reference log-probs (chosen, rejected) for every row of the data set.
+
+    Rank r scores rows r, r+W, r+2W, ... and an all-gather assembles the table, so the one-off cost
+    is divided among the processes and every rank ends with the whole table (the training sampler
+    may hand any row to any rank in later epochs).
+    """
+    acc, dataset = ctx.accelerator, ctx.dataset
+    world, rank, n = acc.num_processes, acc.process_index, len(ctx.dataset)
+    per_rank = -(-n // world)
+    mine = torch.zeros(per_rank, 2, dtype=torch.float32, device=acc.device)
+    indices = list(range(rank, n, world))
+    if acc.is_main_process:
+        print(f"[dpo] precomputing reference log-probs for {n} pairs")
+    for start in range(0, len(indices), cfg.batch_size):
+        chunk = indices[start:start + cfg.batch_size]
+        batch = collate([dataset[i] for i in chunk], ctx.tokenizer, cfg)
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        chosen, rejected = split_pairs(reference_logps(ref, batch, acc))
+        mine[start:start + len(chunk)] = torch.stack([chosen, rejected], dim=1).float()
+    gathered = acc.gather(mine) if world > 1 else mine
+    # gathered[r·per_rank + j] is row r + j·world: interleave back to row order.
+    return gathered.view(world, per_rank, 2).transpose(0, 1).reshape(world * per_rank, 2)[:n].cpu()
+
+
+def setup(model, cfg, ctx):
+    acc = ctx.accelerator
+    if not cfg.precompute_ref:
+        ctx.ref_model = load_reference(model, cfg, ctx)
+        return model
+    cache = reference_cache_file(cfg, ctx)
+    have = torch.tensor([float(cache is not None and cache.is_file())], device=acc.device)
+    # Every rank must take the same branch, or the ranks that compute would wait forever in the gather.
+    if float(acc.reduce(have, reduction="sum") if acc.num_processes > 1 else have) == acc.num_processes:
+        ctx.ref_logps = torch.load(cache)
+        if acc.is_main_process:
+            print(f"[dpo] using cached reference log-probs {cache}")
+        return model
+    ref = load_reference(model, cfg, ctx)
+    ctx.ref_logps = precompute_reference(ref, cfg, ctx)
+    del ref
+    gc.collect()
+    if cache is not None and acc.is_local_main_process:
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        torch.save(ctx.ref_logps, tmp)
+        os.replace(tmp, cache)
+    return model
+
+
+def loss(model, batch: dict, cfg, ctx) -> LossOutput:
+    logps = sequence_logprobs(forward_logits(model, batch).logits, batch["labels"])
+    policy_chosen, policy_rejected = split_pairs(logps)
+    if getattr(ctx, "ref_logps", None) is not None:
+        ref = ctx.ref_logps[batch["_index"].cpu()].to(logps.device)
+        ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+    else:
+        ref_chosen, ref_rejected = split_pairs(reference_logps(ctx.ref_model, batch, ctx.accelerator))
+    losses, rewards_chosen, rewards_rejected = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                        cfg.beta, cfg.loss_type, cfg.label_smoothing)
+    metrics = {
+        "rewards_chosen": rewards_chosen.sum(),
+        "rewards_rejected": rewards_rejected.sum(),
+        "reward_accuracy": (rewards_chosen > rewards_rejected).float().sum(),
+        "reward_margin": (rewards_chosen - rewards_rejected).sum(),
+        "logps_chosen": policy_chosen.detach().sum(),
+        "logps_rejected": policy_rejected.detach().sum(),
+    }
+    return LossOutput(losses.sum(), metrics)
+
+
+SPEC = register_stage(StageSpec(
+    name="dpo",
+    help="direct preference optimisation on chosen/rejected conversation pairs (DPO, IPO, hinge)",
+    config=DPOConfig,
+    encode=encode,
+    collate=collate,
+    loss=loss,
+    loss_units=count_pairs,
+    setup=setup,
+    packable=False,
+))
