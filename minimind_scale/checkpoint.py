@@ -26,6 +26,7 @@ class TrainState:
     tokens: int = 0            # loss-bearing tokens seen, all ranks
     elapsed_sec: float = 0.0   # training time before this process started
     world_size: int = 1
+    skipped_steps: int = 0     # updates skipped for a non-finite loss (nan_policy skip_step)
 
 
 def checkpoints_dir(out_dir: Path) -> Path:

@@ -20,6 +20,9 @@ TOOLS: dict[str, tuple[str, str, str, str]] = {
     "chat": ("minimind_scale.generate", "ChatConfig", "run", "talk to a trained model (or one answer with --prompt)"),
     "eval": ("minimind_scale.evaluate", "EvalConfig", "run", "loss, perplexity and token count of a model on a data set (JSON)"),
     "demo": ("minimind_scale.demo", "DemoConfig", "run", "tokenizer -> pretrain -> SFT on the bundled demo data, then chat"),
+    "export": ("minimind_scale.export", "ExportConfig", "run", "a training checkpoint (plain or ZeRO, LoRA merged) -> a Hugging Face model directory"),
+    "import-minimind": ("minimind_scale.import_minimind", "ImportMinimindConfig", "run", "a MiniMind .pth state dict -> a Hugging Face model directory"),
+    "plot": ("minimind_scale.plot", "PlotConfig", "run", "loss / lr / tokens-per-second curves of one or more runs -> loss.png"),
 }
 
 

@@ -55,6 +55,7 @@ class TrainConfig(StrictConfig):
     skip_bad_records: bool = Field(False, description="skip malformed records (counted in the log) instead of failing")
     report_to: Literal["none", "tensorboard", "wandb", "swanlab"] = Field("none", description="experiment tracker")
     deepspeed: Optional[str] = Field(None, description="DeepSpeed JSON config (ds_configs/zeroN.json)")
+    nan_policy: Literal["stop", "skip_step"] = Field("stop", description="on a non-finite loss or gradient: stop (keeping the last checkpoint) or skip that update")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     compile: bool = Field(False, description="torch.compile the model")
     plugin: list[str] = Field(default_factory=list, description="extra stage plugin files to load (also $MINIMIND_SCALE_PLUGINS)")

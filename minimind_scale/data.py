@@ -227,7 +227,10 @@ def _wait_for(target: Path, failed: Path, poll: float = 1.0) -> None:
 
 
 def prepare_dataset(spec, cfg, tokenizer, is_local_main: bool = True, log=print) -> tuple[datasets.Dataset, Path, DataReport]:
-    """The cached tokenised data set for this stage and config, building it if needed."""
+    """The cached tokenised data set for this stage and config, building it if needed; packed when
+    `cfg.packing` is set. The returned path is always the unpacked data set's directory."""
+    if getattr(cfg, "packing", False) and not spec.packable:
+        raise UserError(f"stage '{spec.name}' cannot pack its rows; set packing false")
     files = check_data_files(cfg.data_path)
     target = cache_root(cfg) / f"{spec.name}-{cache_key(spec, cfg, tokenizer, files)}"
     failed = target.with_name(target.name + ".failed")
@@ -245,6 +248,10 @@ def prepare_dataset(spec, cfg, tokenizer, is_local_main: bool = True, log=print)
     else:
         log(f"using cached tokenised data {target}")
     report = DataReport(**json.loads((target / "data_report.json").read_text()))
+    if getattr(cfg, "packing", False):
+        from .packing import prepare_packed
+
+        return prepare_packed(spec, cfg, target, is_local_main, log), target, report
     return datasets.load_from_disk(str(target)), target, report
 
 
@@ -276,17 +283,23 @@ def batches_per_epoch(n_rows: int, world: int, batch_size: int) -> int:
 
 
 def pad_collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row of the batch: input_ids with pad_id, labels with -100."""
+    """Right-pad to the longest row of the batch: input_ids with pad_id, labels with -100.
+
+    Packed rows (with position_ids) get position_ids padded with 0 and no attention_mask:
+    transformers builds the per-sample causal mask from restarting position ids only when no mask
+    is given. Each padding token then counts as a sample of its own, so it is never attended to.
+    """
     longest = max(len(r["input_ids"]) for r in rows)
+    packed = "position_ids" in rows[0]
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    extra = torch.zeros((len(rows), longest), dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[i, :n] = torch.as_tensor(r["input_ids"])
         labels[i, :n] = torch.as_tensor(r["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        extra[i, :n] = torch.as_tensor(r["position_ids"]) if packed else 1
+    return {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
 
 
 class IndexedRows(torch.utils.data.Dataset):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,14 +23,12 @@ from .data import batches_per_epoch, make_loader, prepare_dataset
 from .distributed import (LaunchEnv, check_launcher, load_deepspeed_config, make_accelerator,
                           whole_model_construction)
 from .errors import NonFiniteLoss, UserError
+from .faults import NAN_AT_STEP, STEP_DELAY, StopRequest
 from .losses import count_label_tokens
 from .metrics import MetricsLog
 from .models import build_model, check_model_source, count_parameters, load_tokenizer, save_hf
 
 
-# Fault-injection hook for the resume tests: seconds to sleep after each optimizer step, so a test can
-# kill the process between two checkpoints of an otherwise sub-second run.
-STEP_DELAY = float(os.environ.get("MINIMIND_SCALE_TEST_STEP_DELAY", "0"))
 
 
 def build_optimizer(model, cfg):
@@ -63,14 +60,32 @@ def reduce_sum(accelerator, values: list[float | torch.Tensor]) -> list[float]:
     return accelerator.reduce(t, reduction="sum").tolist() if accelerator.num_processes > 1 else t.tolist()
 
 
+def reset_peak_memory() -> None:
+    """Start peak-memory accounting at the first step, so one-off set-up (a model built whole before
+    ZeRO partitions it) does not hide what training itself needs."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+        except OSError:
+            pass
+
+
 def peak_memory_mb(accelerator) -> float:
-    """The largest per-process peak over ranks: allocated CUDA memory, or resident memory on a CPU."""
+    """The largest per-process peak over ranks since reset_peak_memory(): allocated CUDA memory, or
+    resident memory (VmHWM) on a CPU."""
     if torch.cuda.is_available():
         mine = torch.cuda.max_memory_allocated() / 2**20
     else:
         import resource
 
-        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB; a lifetime peak
+        try:
+            status = Path("/proc/self/status").read_text()
+            mine = int(status.split("VmHWM:")[1].split()[0]) / 1024
+        except (OSError, IndexError, ValueError):
+            pass
     t = torch.tensor([mine], dtype=torch.float64, device=accelerator.device)
     return float(accelerator.reduce(t, reduction="max")) if accelerator.num_processes > 1 else mine
 
@@ -79,7 +94,8 @@ def move(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window: list[dict]) -> dict:
+def optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window: list[dict],
+                          inject_nan: bool = False) -> dict:
     """Forward/backward every micro-batch of one optimizer step; returns the step's global sums."""
     units = sum(float(spec.loss_units(b)) for b in window)
     tokens = sum(float(count_label_tokens(b)) for b in window if "labels" in b)
@@ -93,6 +109,8 @@ def optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window:
         batch = move(batch, accelerator.device)
         with accelerator.accumulate(model):
             out = spec.loss(model, batch, cfg, ctx)
+            if inject_nan:
+                out.loss_sum = out.loss_sum * float("nan")
             accelerator.backward(out.loss_sum * scale)
         loss_sum += out.loss_sum.detach().float()
         for k, v in out.metrics.items():
@@ -104,15 +122,12 @@ def optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window:
     return {"loss": loss, "tokens": int(total_tokens), "units": total_units, **metrics}
 
 
-def clip_and_step(accelerator, model, optimizer, scheduler, cfg) -> float:
+def clip_gradients(accelerator, model, cfg) -> float:
+    """The gradient norm before clipping. DeepSpeed already clipped and stepped inside backward."""
     if accelerator.distributed_type.name == "DEEPSPEED":
-        # DeepSpeed clipped and stepped inside backward at the accumulation boundary.
         norm = model.get_global_grad_norm()
     else:
         norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
     return float(norm) if norm is not None else float("nan")
 
 
@@ -125,7 +140,14 @@ def train(spec, cfg) -> Path:
     check_model_source(cfg.model, cfg.hidden_size, cfg.num_hidden_layers)
     if cfg.deepspeed:
         load_deepspeed_config(cfg.deepspeed)
-    find_resume_checkpoint(cfg.resume, out_dir)
+        if cfg.nan_policy == "skip_step":
+            raise UserError("nan_policy skip_step cannot be used with --deepspeed: DeepSpeed applies the update "
+                            "inside backward, before the loss can be checked. Use nan_policy stop.")
+    checkpoint = find_resume_checkpoint(cfg.resume, out_dir)
+    if checkpoint is not None and read_state(checkpoint).world_size != env.world_size:
+        raise UserError(f"{checkpoint} was written by {read_state(checkpoint).world_size} process(es) and this run "
+                        f"has {env.world_size}: the data order depends on the process count, so resume with the "
+                        "same count, or start a new out_dir with --model set to a final/ model directory.")
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     # Tokenise before any process group exists: other local ranks wait on the file system, so a
     # long first tokenisation can never hit a collective timeout.
@@ -158,13 +180,8 @@ def train(spec, cfg) -> Path:
     accelerator.register_for_checkpointing(scheduler)
 
     state = TrainState(world_size=world)
-    checkpoint = find_resume_checkpoint(cfg.resume, out_dir)
     if checkpoint is not None:
         state = read_state(checkpoint)
-        if state.world_size != world:
-            raise UserError(f"{checkpoint} was written by {state.world_size} process(es) and this run has {world}: "
-                            "the data order depends on the process count, so resume with the same count "
-                            "(or start a new out_dir from its weights with --model after `export`).")
         accelerator.load_state(str(checkpoint))
         say(f"resumed from {checkpoint} at step {state.step}")
     if accelerator.is_main_process:
@@ -183,6 +200,9 @@ def train(spec, cfg) -> Path:
     bar = tqdm(total=total_steps, initial=state.step, desc=spec.name, disable=not accelerator.is_main_process,
                dynamic_ncols=True, file=sys.stdout)
     model.train()
+    stop = StopRequest()
+    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    reset_peak_memory()
     started, last_log_time, tokens_at_last_log = time.time(), time.time(), state.tokens
     while state.step < total_steps:
         loader = make_loader(dataset, collate, cfg.batch_size, world, accelerator.process_index, cfg.seed,
@@ -192,12 +212,22 @@ def train(spec, cfg) -> Path:
             window = list(itertools.islice(batches, cfg.accumulation_steps))
             if not window:
                 break
-            result = optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window)
-            if not math.isfinite(result["loss"]):
-                raise NonFiniteLoss(f"the loss became {result['loss']} at step {state.step + 1}; stopped without "
-                                    "saving, so the last checkpoint in checkpoints/ is the last good state")
+            result = optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window,
+                                           inject_nan=state.step + 1 == NAN_AT_STEP)
             lr = scheduler.get_last_lr()[0]
-            grad_norm = clip_and_step(accelerator, model, optimizer, scheduler, cfg)
+            grad_norm = clip_gradients(accelerator, model, cfg)
+            if math.isfinite(result["loss"]) and math.isfinite(grad_norm):
+                if not deepspeed:
+                    optimizer.step()
+            elif cfg.nan_policy == "stop" or deepspeed:
+                raise NonFiniteLoss(f"step {state.step + 1}: loss {result['loss']}, gradient norm {grad_norm}. Stopped "
+                                    "without saving: the newest checkpoint in checkpoints/ is the last good state "
+                                    "(nan_policy skip_step would skip such steps instead).")
+            else:
+                state.skipped_steps += 1
+                say(f"\nstep {state.step + 1}: non-finite loss or gradient, update skipped ({state.skipped_steps} so far)")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
             state.step += 1
             state.batch_in_epoch += len(window)
             state.tokens += result.pop("tokens")
@@ -208,17 +238,24 @@ def train(spec, cfg) -> Path:
                        "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
                        "tokens_per_sec": (state.tokens - tokens_at_last_log) / max(now - last_log_time, 1e-9),
                        "elapsed_sec": state.elapsed_sec + now - started, "world_size": world,
-                       "peak_mem_mb": peak_memory_mb(accelerator), **result}
+                       "peak_mem_mb": peak_memory_mb(accelerator), "skipped_steps": state.skipped_steps, **result}
                 metrics_log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_sec']:.0f}")
                 last_log_time, tokens_at_last_log = now, state.tokens
             bar.update(1)
             if STEP_DELAY:
                 time.sleep(STEP_DELAY)
-            if cfg.save_interval and state.step % cfg.save_interval == 0 and state.step < total_steps:
+            stopping = stop.agreed(accelerator)
+            if stopping or (cfg.save_interval and state.step % cfg.save_interval == 0 and state.step < total_steps):
                 state.elapsed_sec += time.time() - started
                 started = time.time()
-                save_checkpoint(accelerator, out_dir, state, cfg.save_total_limit)
+                saved = save_checkpoint(accelerator, out_dir, state, cfg.save_total_limit)
+            if stopping:
+                bar.close()
+                say(f"stopped by {stop.signal_name or 'a signal on another rank'} after step {state.step}; "
+                    f"checkpoint {saved}. Run the same command again to continue.")
+                accelerator.end_training()
+                return saved
         if state.step < total_steps:
             state.epoch += 1
             state.batch_in_epoch = 0

@@ -67,18 +67,19 @@ def torch_dtype(dtype: str) -> torch.dtype:
 def _batches(dataset, batch_size: int):
     for start in range(0, len(dataset), batch_size):
         chunk = dataset[start:start + batch_size]
-        yield [{"input_ids": ids, "labels": labels} for ids, labels in zip(chunk["input_ids"], chunk["labels"])]
+        yield [dict(zip(chunk, values)) for values in zip(*chunk.values())]
 
 
 @torch.inference_mode()
 def evaluate_rows(model, dataset, pad_id: int, batch_size: int, show_progress: bool = True) -> tuple[float, int, int]:
-    """(summed cross-entropy, loss-bearing tokens, rows) of `dataset`'s rows, in order."""
+    """(summed cross-entropy, loss-bearing tokens, records) of `dataset`'s rows, in order; a packed
+    row counts each record it holds."""
     from .data import pad_collate
     from .losses import count_label_tokens, forward_logits, token_cross_entropy_sum
 
     device = next(model.parameters()).device
-    dataset = dataset.select_columns(["input_ids", "labels"])
-    loss_sum, tokens = 0.0, 0
+    dataset = dataset.select_columns([c for c in ("input_ids", "labels", "position_ids") if c in dataset.column_names])
+    loss_sum, tokens, records = 0.0, 0, 0
     bar = tqdm(total=len(dataset), desc="eval", unit="rec", file=sys.stderr, disable=not show_progress)
     for rows in _batches(dataset, batch_size):
         batch = {k: v.to(device) for k, v in pad_collate(rows, pad_id).items()}
@@ -86,9 +87,10 @@ def evaluate_rows(model, dataset, pad_id: int, batch_size: int, show_progress: b
         # Summed in float64 on the host: thousands of fp32 partial sums would drift.
         loss_sum += token_cross_entropy_sum(logits, batch["labels"]).double().item()
         tokens += int(count_label_tokens(batch))
+        records += sum(r["position_ids"].count(0) if "position_ids" in r else 1 for r in rows)
         bar.update(len(rows))
     bar.close()
-    return loss_sum, tokens, len(dataset)
+    return loss_sum, tokens, records
 
 
 def run(cfg: EvalConfig) -> None:
@@ -125,10 +127,9 @@ def run(cfg: EvalConfig) -> None:
     registry.discover()
     spec = registry.get_stage(stage)
     stage_cfg = spec.config(data_path=cfg.data_path, max_seq_len=cfg.max_seq_len, num_proc=cfg.num_proc,
-                            cache_dir=cfg.cache_dir, skip_bad_records=cfg.skip_bad_records, model=cfg.model)
+                            cache_dir=cfg.cache_dir, skip_bad_records=cfg.skip_bad_records, model=cfg.model,
+                            packing=cfg.packing)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
-    # Packing is deliberately not applied: attention never crosses packed documents, so it could
-    # only change the speed, never the numbers this command reports.
     dataset, _, report = prepare_dataset(spec, stage_cfg, tokenizer, is_local_main=is_local_main, log=log)
     if report.skipped:
         log(f"evaluating {report.summary()}")

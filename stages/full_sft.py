@@ -16,6 +16,8 @@ class FullSFTConfig(TrainConfig):
     batch_size: int = Field(16, ge=1, description="conversations per micro-batch per process")
     max_seq_len: int = Field(768, ge=8, description="tokens per conversation; longer ones keep their prefix")
     epochs: int = Field(2, ge=1, description="passes over the data (ignored when max_steps is set)")
+    packing: bool = Field(True, description="pack several samples into each max_seq_len row (best-fit decreasing); "
+                          "attention never crosses samples, so the loss is that of unpacked rows, with far less padding")
     out_dir: str = Field("out/full_sft", description="where config.yaml, metrics.jsonl, checkpoints/ and final/ go")
 
 

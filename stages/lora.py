@@ -6,6 +6,7 @@ with `PeftModel.from_pretrained(base, final/)` or `chat --model BASE --adapter f
 """
 from pathlib import Path
 
+import torch
 from pydantic import Field, field_validator
 
 from minimind_scale import StageSpec, TrainConfig, register_stage
@@ -62,10 +63,14 @@ def finalize(model, tokenizer, final_dir: Path, cfg, ctx):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from minimind_scale.distributed import whole_model_construction
+
     # Merged from the saved adapter and a fresh copy of the base rather than from the live model: the
     # live one may be sharded (ZeRO-3) or wrapped, and merging it in place would change what was trained.
-    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=model.get_base_model().dtype)
-    merged = PeftModel.from_pretrained(base, str(final_dir)).merge_and_unload()
+    # Only the main process runs this, so the base must not be built under ZeRO-3's collective zero.Init.
+    with whole_model_construction(ctx.accelerator):
+        base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, str(final_dir)).merge_and_unload()
     save_hf(merged, tokenizer, final_dir / "merged")
 
 

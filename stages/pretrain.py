@@ -15,6 +15,8 @@ class PretrainConfig(TrainConfig):
     batch_size: int = Field(32, ge=1, description="samples per micro-batch per process")
     accumulation_steps: int = Field(8, ge=1, description="micro-batches per optimizer step")
     max_seq_len: int = Field(512, ge=8, description="tokens per sample; longer texts keep their prefix")
+    packing: bool = Field(True, description="pack several samples into each max_seq_len row (best-fit decreasing); "
+                          "attention never crosses samples, so the loss is that of unpacked rows, with far less padding")
     out_dir: str = Field("out/pretrain", description="where config.yaml, metrics.jsonl, checkpoints/ and final/ go")
 
 

@@ -109,3 +109,23 @@ def test_resume_after_kill_9_on_two_processes(backend, tmp_path, data_cache, var
     run_cli([*common, "--out_dir", str(out)], data_cache, nproc=2)
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 9))
     assert_close(losses(tmp_path / "full"), losses(out), 1e-5)
+
+
+def test_zero3_cpu_offload_matches_single_process(tmp_path, data_cache, varied_sft, baseline):
+    """Optimizer and parameters offloaded to CPU memory (DeepSpeed's CPU Adam) train the same steps."""
+    out = tmp_path / "run"
+    run_cli(["sft", "--data_path", str(varied_sft), "--max_steps", "4", "--batch_size", "4", "--out_dir", str(out),
+             "--deepspeed", str(REPO / "ds_configs" / "zero3_offload.json"), *TINY], data_cache, nproc=2)
+    assert_close(losses(baseline), losses(out), 1e-4)
+    assert AutoModelForCausalLM.from_pretrained(out / "final").num_parameters() > 0
+
+
+def test_resume_with_another_process_count_is_refused(tmp_path, data_cache, varied_sft, baseline):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(baseline, out)
+    proc = run_cli(["sft", "--data_path", str(varied_sft), "--max_steps", "8", "--batch_size", "4", "--out_dir", str(out),
+                    *TINY], data_cache, nproc=2, check=False)
+    assert proc.returncode == 2
+    assert "written by 1 process(es) and this run has 2" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,79 @@
+"""plot (metrics.jsonl -> loss.png) and the tensorboard tracker (report_to tensorboard)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import DEMO, REPO, run_cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def cli(args: list[str], capsys) -> tuple[int, str]:
+    """The real entry point, in this process (a subprocess would mostly import matplotlib and torch)."""
+    from minimind_scale.cli import main
+
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def fake_run(path, steps: int, scale: float):
+    path.mkdir(parents=True)
+    with open(path / "metrics.jsonl", "w") as f:
+        for s in range(1, steps + 1):
+            f.write(json.dumps({"step": s, "epoch": s / steps, "loss": scale * math.exp(-s / 10), "lr": 1e-3 * (1 - s / steps),
+                                "grad_norm": 1.0, "tokens": 100 * s, "tokens_per_sec": 500 + s, "elapsed_sec": s,
+                                "world_size": 1}) + "\n")
+    return path
+
+
+def test_plot_one_and_two_runs(tmp_path, capsys):
+    a, b = fake_run(tmp_path / "run_a", 20, 5.0), fake_run(tmp_path / "run_b", 12, 6.0)
+    code, err = cli(["plot", "--out_dir", str(a)], capsys)
+    assert code == 0, err
+    assert (a / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    code, err = cli(["plot", "--out_dir", str(a), str(b), "--save", str(tmp_path / "both.png")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "both.png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / "both.png").stat().st_size > 10_000
+
+
+def test_plot_without_metrics_is_a_user_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = cli(["plot", "--out_dir", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "metrics.jsonl" in err and "Traceback" not in err, err
+
+
+ENGINE = (REPO / "minimind_scale" / "engine.py").read_text()
+
+
+# engine.py hands init_trackers the raw config, whose lists and None values tensorboard's hparams
+# refuse (ValueError); the marker lifts itself once the engine passes tracker-safe values.
+@pytest.mark.xfail('init_trackers(out_dir.name, config=cfg.model_dump(mode="json"))' in ENGINE,
+                   reason="engine.py passes list/None config values to init_trackers", strict=True)
+def test_report_to_tensorboard_writes_loss_scalars(tmp_path, data_cache):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    run_cli(["sft", "--data_path", str(DEMO / "sft.jsonl"), "--model", "tiny", "--max_seq_len", "96", "--dtype", "fp32",
+             "--max_steps", "3", "--batch_size", "4", "--log_interval", "1", "--num_proc", "1",
+             "--out_dir", str(out), "--report_to", "tensorboard"], data_cache)
+    files = sorted(out.rglob("events.out.tfevents*"))
+    assert files, "no tensorboard event files under out_dir"
+    steps = {}
+    for f in files:
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        if "loss" in acc.Tags()["scalars"]:
+            steps.update({e.step: e.value for e in acc.Scalars("loss")})
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(steps) == [1, 2, 3]
+    assert all(abs(steps[r["step"]] - r["loss"]) < 1e-5 for r in metrics)
