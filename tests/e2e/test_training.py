@@ -78,11 +78,13 @@ def test_first_step_loss_is_the_token_mean(tmp_path, data_cache, varied_sft):
     rows = next(iter(make_loader(ds, lambda r: r, 8, 1, 0, seed=7, epoch=0)))
     total, count = 0.0, 0
     with torch.no_grad():
-        for r in rows:  # each conversation alone: no padding involved
-            ids = torch.tensor([r["input_ids"]])
-            labels = torch.tensor([r["labels"]])
-            total += float(token_cross_entropy_sum(model(input_ids=ids).logits, labels))
-            count += int((labels[:, 1:] != -100).sum())
+        for r in rows:  # each conversation alone (a packed row is cut where its position ids restart)
+            starts = [i for i, p in enumerate(r.get("position_ids", [0])) if p == 0] + [len(r["input_ids"])]
+            for a, b in zip(starts, starts[1:]):
+                ids = torch.tensor([r["input_ids"][a:b]])
+                labels = torch.tensor([r["labels"][a:b]])
+                total += float(token_cross_entropy_sum(model(input_ids=ids).logits, labels))
+                count += int((labels[:, 1:] != -100).sum())
     assert logged["tokens"] == count
     assert abs(logged["loss"] - total / count) < 1e-5
 
