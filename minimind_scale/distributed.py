@@ -72,6 +72,20 @@ def load_deepspeed_config(path: str) -> dict:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "swanlab": "swanlab"}
+
+
+def check_tracker(report_to: str) -> None:
+    """accelerate drops a tracker whose package is missing with only a debug log, so nothing would be recorded."""
+    if report_to == "none":
+        return
+    import importlib.util
+
+    package = TRACKER_PACKAGES[report_to]
+    if importlib.util.find_spec(package) is None:
+        raise UserError(f"report_to {report_to}: the '{package}' package is not installed (pip install {package})")
+
+
 def requested_process_count_from_launcher() -> int | None:
     """--num_processes as typed to `accelerate launch`, read from the parent's command line (Linux).
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .checkpoint import TrainState, find_resume_checkpoint, read_state, save_checkpoint
 from .config import save_config
 from .data import batches_per_epoch, make_loader, prepare_dataset
-from .distributed import (LaunchEnv, check_launcher, load_deepspeed_config, make_accelerator,
+from .distributed import (LaunchEnv, check_launcher, check_tracker, load_deepspeed_config, make_accelerator,
                           whole_model_construction)
 from .errors import NonFiniteLoss, UserError
 from .faults import NAN_AT_STEP, STEP_DELAY, StopRequest
@@ -138,6 +138,7 @@ def train(spec, cfg) -> Path:
     say = print if env.is_main else (lambda *a, **k: None)
     # Everything a typo could break is checked before the (possibly long) tokenisation.
     check_model_source(cfg.model, cfg.hidden_size, cfg.num_hidden_layers)
+    check_tracker(cfg.report_to)
     if cfg.deepspeed:
         load_deepspeed_config(cfg.deepspeed)
         if cfg.nan_policy == "skip_step":
@@ -187,8 +188,10 @@ def train(spec, cfg) -> Path:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-    if accelerator.trackers or cfg.report_to != "none":
-        accelerator.init_trackers(out_dir.name, config=cfg.model_dump(mode="json"))
+    if cfg.report_to != "none":
+        # Trackers' hyper-parameter tables take scalars only; lists and None are written as text.
+        flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in cfg.model_dump(mode="json").items()}
+        accelerator.init_trackers(out_dir.name, config=flat)
     metrics_log = MetricsLog(out_dir, accelerator, state.step)
 
     precision = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32"

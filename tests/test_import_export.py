@@ -198,9 +198,17 @@ def test_import_minimind_rejects_bad_layouts(tmp_path, data_cache, capsys):
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, data_cache):
+def small_sft(tmp_path_factory):
+    """64 demo conversations: tokenising the whole demo set would dominate these tests' time."""
+    path = tmp_path_factory.mktemp("data") / "sft64.jsonl"
+    path.write_text("".join((DEMO / "sft.jsonl").read_text().splitlines(keepends=True)[:64]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, data_cache, small_sft):
     out = tmp_path_factory.mktemp("sft") / "run"
-    run_cli(["sft", "--data_path", str(DEMO / "sft.jsonl"), "--max_steps", "4", "--save_interval", "2",
+    run_cli(["sft", "--data_path", str(small_sft), "--max_steps", "4", "--save_interval", "2",
              "--save_total_limit", "3", "--out_dir", str(out), *TINY], data_cache)
     return out
 
@@ -229,9 +237,9 @@ def test_export_plain_checkpoint(sft_run, tmp_path, data_cache, capsys):
     assert code == 2 and "not a training checkpoint" in err and "Traceback" not in err
 
 
-def test_export_zero2_checkpoint_matches_final(tmp_path, data_cache, capsys):
+def test_export_zero2_checkpoint_matches_final(tmp_path, data_cache, small_sft, capsys):
     out = tmp_path / "run"
-    run_cli(["sft", "--data_path", str(DEMO / "sft.jsonl"), "--max_steps", "2", "--out_dir", str(out),
+    run_cli(["sft", "--data_path", str(small_sft), "--max_steps", "2", "--out_dir", str(out),
              "--deepspeed", str(REPO / "ds_configs" / "zero2.json"), *TINY], data_cache, nproc=2)
     ckpt = out / "checkpoints" / "step_2"
     assert (ckpt / "latest").is_file()  # a ZeRO checkpoint, not a plain state dict
@@ -240,9 +248,9 @@ def test_export_zero2_checkpoint_matches_final(tmp_path, data_cache, capsys):
     assert (got - final).abs().max() < 1e-5
 
 
-def test_export_merges_lora(sft_run, tmp_path, data_cache, capsys):
+def test_export_merges_lora(sft_run, tmp_path, data_cache, small_sft, capsys):
     out = tmp_path / "lora"
-    run_cli(["lora", "--data_path", str(DEMO / "sft.jsonl"), "--model", str(sft_run / "final"), "--max_steps", "2",
+    run_cli(["lora", "--data_path", str(small_sft), "--model", str(sft_run / "final"), "--max_steps", "2",
              "--merge_lora", "true", "--lora_rank", "4", "--out_dir", str(out),
              *[a for a in TINY if a not in ("--model", "tiny")]], data_cache)
     assert yaml.safe_load((out / "config.yaml").read_text())["lora_rank"] == 4
