@@ -221,8 +221,8 @@ def describe_fields(cls: type[BaseModel]) -> str:
     rows = []
     for name, f in cls.model_fields.items():
         type_name = _type_name(f.annotation)
-        default = f.default_factory() if f.default_factory is not None else f.default
-        rows.append((f"--{name}", type_name, repr(default), f.description or ""))
+        default = "required" if f.is_required() else (f.default_factory() if f.default_factory is not None else f.default)
+        rows.append((f"--{name}", type_name, default if f.is_required() else repr(default), f.description or ""))
     w0 = max(len(r[0]) for r in rows)
     w1 = min(28, max(len(r[1]) for r in rows))
     return "\n".join(f"  {a:<{w0}}  {b:<{w1}}  default {c:<14} {d}" for a, b, c, d in rows)

@@ -122,13 +122,14 @@ def optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window:
     return {"loss": loss, "tokens": int(total_tokens), "units": total_units, **metrics}
 
 
-def clip_gradients(accelerator, model, cfg) -> float:
-    """The gradient norm before clipping. DeepSpeed already clipped and stepped inside backward."""
+def clip_gradients(accelerator, model, cfg) -> float | None:
+    """The gradient norm before clipping (None where DeepSpeed does not report one, as under ZeRO-0).
+    DeepSpeed already clipped and stepped inside backward."""
     if accelerator.distributed_type.name == "DEEPSPEED":
         norm = model.get_global_grad_norm()
     else:
         norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    return float(norm) if norm is not None else float("nan")
+    return float(norm) if norm is not None else None
 
 
 def train(spec, cfg) -> Path:
@@ -219,7 +220,7 @@ def train(spec, cfg) -> Path:
                                            inject_nan=state.step + 1 == NAN_AT_STEP)
             lr = scheduler.get_last_lr()[0]
             grad_norm = clip_gradients(accelerator, model, cfg)
-            if math.isfinite(result["loss"]) and math.isfinite(grad_norm):
+            if math.isfinite(result["loss"]) and (grad_norm is None or math.isfinite(grad_norm)):
                 if not deepspeed:
                     optimizer.step()
             elif cfg.nan_policy == "stop" or deepspeed:
