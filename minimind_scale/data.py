@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import datasets
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import DistributedSampler
 
@@ -138,9 +139,10 @@ class DataReport:
     skipped: int
     reasons: dict[str, int]
     too_long: int = 0  # dropped: no loss-bearing token within max_seq_len
+    tokens: int = 0    # tokens over every *input_ids column (before packing)
 
     def summary(self) -> str:
-        text = f"{self.records} records"
+        text = f"{self.records} records" + (f", {self.tokens:,} tokens" if self.tokens else "")
         if self.too_long:
             text += f", {self.too_long} dropped with no loss-bearing token within max_seq_len"
         if self.skipped:
@@ -205,8 +207,12 @@ def build_dataset(spec, cfg, tokenizer, files: list[Path], target: Path) -> Data
         if len(merged) == 0:
             raise UserError(f"no usable record in {', '.join(map(str, files))}")
         merged = merged.remove_columns(["_error", "_line"])
-        report = DataReport(records=len(merged), skipped=n_bad, reasons=dict(reasons), too_long=n_no_loss)
         merged.save_to_disk(str(work / "final"))
+        saved = datasets.load_from_disk(str(work / "final"))  # only the kept rows, memory-mapped
+        tokens = sum(pc.sum(pc.list_value_length(saved.data.column(c))).as_py() or 0
+                     for c in saved.column_names if c.endswith("input_ids"))
+        report = DataReport(records=len(merged), skipped=n_bad, reasons=dict(reasons), too_long=n_no_loss,
+                            tokens=int(tokens))
         (work / "final" / "data_report.json").write_text(json.dumps(report.__dict__, indent=1))
         try:
             os.rename(work / "final", target)

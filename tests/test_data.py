@@ -44,8 +44,9 @@ def test_cache_key_follows_content_not_name(sft, tmp_path):
     path.write_text(json.dumps(row) + "\n")
     _, first, _ = prepare_dataset(sft, _cfg(sft, path, tmp_path), tok, log=lambda *_: None)
     path.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
-    ds, second, _ = prepare_dataset(sft, _cfg(sft, path, tmp_path), tok, log=lambda *_: None)
+    ds, second, report = prepare_dataset(sft, _cfg(sft, path, tmp_path), tok, log=lambda *_: None)
     assert second != first and len(ds) == 2
+    assert report.tokens == sum(len(r) for r in ds["input_ids"])
 
 
 def test_sampler_skip_continues_the_same_order():
