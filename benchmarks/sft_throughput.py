@@ -81,6 +81,13 @@ def summarise(name: str, metrics: list[dict], steps: list[tuple[int, int]]) -> d
     }
 
 
+def _portable(value) -> str:
+    """Settings as written to the results file: paths relative to the repository, not this machine."""
+    if isinstance(value, Path):
+        return os.path.relpath(value.resolve(), REPO)
+    return str(value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
@@ -113,7 +120,7 @@ def main() -> None:
         print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
     print(f"\npacked / padded loss-bearing tokens/s: {ratio:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "results": results,
+    args.out.write_text(json.dumps({"settings": {k: _portable(v) for k, v in vars(args).items()}, "results": results,
                                     "packed_over_padded_loss_tokens_per_sec": ratio}, indent=1))
 
 
