@@ -29,8 +29,6 @@ from .metrics import MetricsLog
 from .models import build_model, check_model_source, count_parameters, load_tokenizer, save_hf
 
 
-
-
 def build_optimizer(model, cfg):
     """AdamW; weight decay only on matrices (norm gains and biases are not decayed)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -146,14 +144,15 @@ def train(spec, cfg) -> Path:
             raise UserError("nan_policy skip_step cannot be used with --deepspeed: DeepSpeed applies the update "
                             "inside backward, before the loss can be checked. Use nan_policy stop.")
     checkpoint = find_resume_checkpoint(cfg.resume, out_dir)
-    if checkpoint is not None and read_state(checkpoint).world_size != env.world_size:
-        raise UserError(f"{checkpoint} was written by {read_state(checkpoint).world_size} process(es) and this run "
+    written_by = read_state(checkpoint).world_size if checkpoint is not None else env.world_size
+    if written_by != env.world_size:
+        raise UserError(f"{checkpoint} was written by {written_by} process(es) and this run "
                         f"has {env.world_size}: the data order depends on the process count, so resume with the "
                         "same count, or start a new out_dir with --model set to a final/ model directory.")
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     # Tokenise before any process group exists: other local ranks wait on the file system, so a
     # long first tokenisation can never hit a collective timeout.
-    dataset, data_dir, report = prepare_dataset(spec, cfg, tokenizer, is_local_main=env.is_local_main, log=say)
+    dataset, _, report = prepare_dataset(spec, cfg, tokenizer, is_local_main=env.is_local_main, log=say)
 
     accelerator = make_accelerator(cfg, tracker_dir=str(out_dir))
     from accelerate.utils import set_seed
