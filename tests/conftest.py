@@ -41,6 +41,32 @@ def run_cli(args: list[str], cache: Path, nproc: int = 1, timeout: int = 600, ch
     return proc
 
 
+def cli_in_process(args: list[str], capsys) -> tuple[int, str]:
+    """A tool command through the real entry point, in this process: a subprocess per call would spend
+    most of its time importing torch and transformers. Returns (exit code, stderr)."""
+    from minimind_scale.cli import main
+
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """A <1M-parameter model gains nothing from intra-op threads, and on a busy machine their
+    synchronisation makes every forward several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

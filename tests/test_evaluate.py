@@ -40,14 +40,7 @@ def _head(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A <1M-parameter model gains nothing from intra-op threads, and on a busy machine their
-    # synchronisation makes every forward several times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import DEMO, REPO, run_cli
+from conftest import cli_in_process as cli
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, EXPERTS = 64, 2, 8, 2, 96, 4
 HEAD_DIM = HIDDEN // HEADS
@@ -115,18 +116,6 @@ def hf_logits(model_dir, ids) -> torch.Tensor:
         return model(ids).logits
 
 
-def cli(args: list[str], capsys) -> tuple[int, str]:
-    """A tool command through the real entry point, in this process: a subprocess per call would spend
-    most of its time importing transformers. Returns (exit code, stderr)."""
-    from minimind_scale.cli import main
-
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def ok(args: list[str], capsys) -> None:

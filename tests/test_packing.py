@@ -18,12 +18,7 @@ from minimind_scale.registry import discover, get_stage
 TINY = ["--model", "tiny", "--dtype", "fp32", "--log_interval", "1", "--num_proc", "1", "--seed", "3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def first_fit_in_order(lengths, capacity):

@@ -7,21 +7,11 @@ import math
 import pytest
 
 from conftest import DEMO, REPO, run_cli
+from conftest import cli_in_process as cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def cli(args: list[str], capsys) -> tuple[int, str]:
-    """The real entry point, in this process (a subprocess would mostly import matplotlib and torch)."""
-    from minimind_scale.cli import main
-
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def fake_run(path, steps: int, scale: float):
