@@ -1,14 +1,18 @@
 """SFT throughput with packed vs padded rows, at the same batch of rows per step.
 
-    python benchmarks/sft_throughput.py [--steps 20] [--num_hidden_layers 2] [--threads N]
+    python benchmarks/sft_throughput.py [--steps 12] [--num_hidden_layers 2] [--threads N]
         [--out benchmarks/results/sft_throughput.json]
 
-Runs the real `sft` command twice (--packing true / false) on ../shared/data/sft_zh_alpaca_demo.jsonl
-with MiniMind's tokenizer, max_seq_len 512, the minimind2-small shape, batch 8 rows, fp32, and reads
-each run's metrics.jsonl: loss-bearing tokens/s (`tokens_per_sec`) and peak memory (`peak_mem_mb`).
-All real tokens/s (prompt tokens too) and the share of padding are not logged by the engine; they are
-recomputed here by replaying the run's sampler over the same cached data set (same seed, same order).
-The first step is left out of every rate as warm-up. Prints a Markdown table and writes JSON.
+Runs the real `sft` command once per row layout on ../shared/data/sft_zh_alpaca_demo.jsonl with
+MiniMind's tokenizer, max_seq_len 512, the minimind2-small shape, batch 8 rows, fp32:
+  packed                    --packing true (the default)
+  padded                    --packing false: each batch padded to its longest row
+  padded, length-grouped    --packing false --group_by_length true
+  padded to max_seq_len     --packing false --pad_to max_seq_len: MiniMind's own batches
+and reads each run's metrics.jsonl: loss-bearing tokens/s (`tokens_per_sec`) and peak memory (`peak_mem_mb`).
+All real tokens per step and the share of padding are recomputed by replaying the run's sampler over
+the same cached data set (same seed, same order). The first step is
+left out of every rate as warm-up. Prints a Markdown table and writes JSON.
 """
 from __future__ import annotations
 
@@ -24,41 +28,51 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
-def run_sft(packing: bool, args, work: Path) -> list[dict]:
-    out = work / ("packed" if packing else "padded")
+LAYOUTS = {
+    "packed": dict(packing=True),
+    "padded": dict(packing=False),
+    "padded, length-grouped": dict(packing=False, group_by_length=True),
+    "padded to max_seq_len": dict(packing=False, pad_to="max_seq_len"),
+}
+
+
+def run_sft(name: str, args, work: Path) -> list[dict]:
+    out = work / name.replace(" ", "_").replace(",", "")
     cmd = [sys.executable, "-m", "minimind_scale", "sft", "--model", "minimind2-small",
            "--num_hidden_layers", str(args.num_hidden_layers), "--data_path", str(args.data),
            "--tokenizer", str(args.tokenizer), "--max_seq_len", "512", "--batch_size", str(args.batch_size),
            "--accumulation_steps", "1", "--dtype", "fp32", "--max_steps", str(args.steps), "--log_interval", "1",
            "--save_interval", "0", "--num_proc", "1", "--resume", "never", "--seed", str(args.seed),
-           "--packing", str(packing).lower(), "--out_dir", str(out)]
+           "--out_dir", str(out)]
+    for key, value in LAYOUTS[name].items():
+        cmd += [f"--{key}", str(value).lower()]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MINIMIND_SCALE_CACHE=str(work / "cache"),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def replay_rows(packing: bool, args, work: Path) -> list[tuple[int, int]]:
+def replay_rows(name: str, args, work: Path) -> list[tuple[int, int]]:
     """(real tokens, padded slots) of every optimizer step of the run, from its own data order."""
     os.environ["MINIMIND_SCALE_CACHE"] = str(work / "cache")
-    from minimind_scale.data import make_loader, prepare_dataset
+    from minimind_scale.data import make_loader, prepare_dataset, row_lengths
     from minimind_scale.models import load_tokenizer
     from minimind_scale.registry import discover, get_stage
 
     discover()
     spec = get_stage("sft")
     cfg = spec.config(data_path=[str(args.data)], tokenizer=str(args.tokenizer), max_seq_len=512, num_proc=1,
-                      packing=packing, seed=args.seed, batch_size=args.batch_size)
+                      seed=args.seed, batch_size=args.batch_size, **LAYOUTS[name])
     dataset, _, _ = prepare_dataset(spec, cfg, load_tokenizer(cfg.tokenizer), log=lambda *_: None)
-    lengths = dataset.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"]
-    import pyarrow.compute as pc
-
-    lengths = pc.list_value_length(lengths).to_pylist()
+    lengths = row_lengths(dataset)
+    grouped = lengths if cfg.group_by_length else None
     steps, epoch = [], 0
     while len(steps) < args.steps:  # the engine starts a new epoch's order when one runs out
-        for batch in make_loader([{"n": n} for n in lengths], lambda rows: rows, args.batch_size, 1, 0, args.seed, epoch):
+        for batch in make_loader([{"n": int(n)} for n in lengths], lambda rows: rows, args.batch_size, 1, 0, args.seed,
+                                 epoch, lengths=grouped):
             n = [r["n"] for r in batch]
-            steps.append((sum(n), max(n) * len(n)))
+            width = cfg.max_seq_len if cfg.pad_to == "max_seq_len" else max(n)
+            steps.append((sum(n), width * len(n)))
             if len(steps) == args.steps:
                 break
         epoch += 1
@@ -90,7 +104,7 @@ def _portable(value) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--num_hidden_layers", type=int, default=2, help="8 is minimind2-small's own depth")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the training runs")
@@ -105,11 +119,10 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for packing in (True, False):
-            metrics = run_sft(packing, args, work)
-            results.append(summarise("packed" if packing else "padded", metrics, replay_rows(packing, args, work)))
-    packed, padded = results
-    ratio = packed["loss_tokens_per_sec"] / padded["loss_tokens_per_sec"]
+        for name in LAYOUTS:
+            results.append(summarise(name, run_sft(name, args, work), replay_rows(name, args, work)))
+    packed = results[0]
+    ratios = {r["rows"]: packed["loss_tokens_per_sec"] / r["loss_tokens_per_sec"] for r in results[1:]}
 
     cols = ["rows", "sec_per_step", "loss_tokens_per_sec", "all_tokens_per_sec", "padding_share", "peak_mem_mb", "final_loss"]
     print(f"sft, minimind2-small shape x {args.num_hidden_layers} layers, batch {args.batch_size} rows x 512, fp32, "
@@ -118,10 +131,12 @@ def main() -> None:
     print("|" + "---|" * len(cols))
     for r in results:
         print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    print(f"\npacked / padded loss-bearing tokens/s: {ratio:.2f}x")
+    print()
+    for name, ratio in ratios.items():
+        print(f"packed / {name}: {ratio:.2f}x the loss-bearing tokens/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: _portable(v) for k, v in vars(args).items()}, "results": results,
-                                    "packed_over_padded_loss_tokens_per_sec": ratio}, indent=1))
+                                    "packed_over_each_loss_tokens_per_sec": ratios}, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ A directory named ``step_N`` is complete by construction (the rename is the last
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
+from .errors import CheckpointWriteFailed, UserError
 
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -60,6 +61,26 @@ def read_state(path: Path) -> TrainState:
     return TrainState(**json.loads((path / STATE_FILE).read_text()))
 
 
+@contextlib.contextmanager
+def removed_on_write_failure(partial: Path, out_dir: Path):
+    """A failed write (full disk, quota, file-size limit) removes the partial copy, so the space comes
+    back and nothing half-written remains, then stops the run naming the checkpoint that is intact.
+    torch.save reports such failures as RuntimeError, safetensors as its own error type."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - any failure while writing leaves the same state behind
+        shutil.rmtree(partial, ignore_errors=True)
+        intact = complete_checkpoints(out_dir)
+        try:
+            free = f"{shutil.disk_usage(out_dir).free / 2**20:.0f} MiB free on that disk"
+        except OSError:
+            free = "free space unknown"
+        raise CheckpointWriteFailed(
+            f"could not write {partial} ({type(e).__name__}: {str(e).strip()[:200]}; {free}). The partial copy was "
+            "removed. " + (f"{intact[-1]} is intact: make room and run the same command again to resume from it."
+                           if intact else "No earlier checkpoint exists.")) from None
+
+
 def save_checkpoint(accelerator, out_dir: Path, state: TrainState, keep: int) -> Path:
     """Every rank writes its part into a temporary directory; the main process renames it last."""
     final = checkpoints_dir(out_dir) / f"step_{state.step}"
@@ -68,10 +89,12 @@ def save_checkpoint(accelerator, out_dir: Path, state: TrainState, keep: int) ->
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with removed_on_write_failure(tmp, out_dir):
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        with removed_on_write_failure(tmp, out_dir):
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         if final.exists():  # the same step saved by an earlier, resumed run
             shutil.rmtree(final)
         tmp.rename(final)

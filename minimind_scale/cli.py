@@ -8,11 +8,12 @@ import importlib
 import inspect
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from . import registry
 from .config import build_config, describe_fields, did_you_mean, parse_flags
-from .errors import NonFiniteLoss, UserError
+from .errors import PeerLost, RunFailed, UserError
 
 # Tool commands: name -> (module, config class, run function, one-line help). Imported lazily.
 TOOLS: dict[str, tuple[str, str, str, str]] = {
@@ -118,9 +119,16 @@ def run_stage(name: str, argv: list[str], plugins: list[str]) -> None:
     spec = registry.get_stage(name)
     cfg = _config_for(spec.config, argv, name)
     cfg.plugin = plugins
+    from .checkpoint import complete_checkpoints
+    from .distributed import LaunchEnv, peer_failures_as_errors
     from .engine import train
 
-    train(spec, cfg)
+    def newest_checkpoint():
+        found = complete_checkpoints(Path(cfg.out_dir))
+        return found[-1] if found else None
+
+    with peer_failures_as_errors(LaunchEnv.from_environ().world_size, newest_checkpoint):
+        train(spec, cfg)
 
 
 def run_prepare(argv: list[str], plugins: list[str]) -> None:
@@ -171,7 +179,12 @@ def main(argv: list[str] | None = None, on_error: Callable[[str], None] | None =
         print(f"error: {e}", file=sys.stderr)
         _shutdown_process_group()
         raise SystemExit(2)
-    except NonFiniteLoss as e:
+    except PeerLost as e:
+        print(f"error: {e}", file=sys.stderr)
+        # With a member gone, tearing the process group down would wait for it forever.
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(1)
+    except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         _shutdown_process_group()
         raise SystemExit(1)

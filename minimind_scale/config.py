@@ -56,6 +56,18 @@ class TrainConfig(StrictConfig):
     report_to: Literal["none", "tensorboard", "wandb", "swanlab"] = Field("none", description="experiment tracker")
     deepspeed: Optional[str] = Field(None, description="DeepSpeed JSON config (ds_configs/zeroN.json)")
     nan_policy: Literal["stop", "skip_step"] = Field("stop", description="on a non-finite loss or gradient: stop (keeping the last checkpoint) or skip that update")
+    collective_timeout_sec: int = Field(600, ge=10, description="how long a process waits in a collective for the others; "
+                                        "a rank that died makes the rest stop after at most this long")
+    group_by_length: bool = Field(False, description="padded batches (packing false, DPO): batch samples of similar length "
+                                  "together, in shuffled groups, so less of each batch is padding")
+    pad_to: Literal["longest", "max_seq_len"] = Field("longest", description="padded batches: pad to the batch's longest "
+                                                     "row, or to max_seq_len as MiniMind does (for comparisons)")
+    cross_entropy: Literal["full", "chunked", "liger"] = Field("full", description="next-token loss: full logits; chunked "
+                                                               "(the [tokens x vocab] fp32 logits are never held at once); "
+                                                               "liger (fused kernel, where liger-kernel is installed)")
+    peak_tflops: Optional[float] = Field(None, gt=0, description="one device's peak TFLOP/s at the run's precision, for "
+                                         "the mfu metric (default: a table of common GPUs; none on CPUs)")
+    dataloader_workers: int = Field(0, ge=0, description="data loader worker processes (0: load in the training process)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     compile: bool = Field(False, description="torch.compile the model")
     plugin: list[str] = Field(default_factory=list, description="extra stage plugin files to load (also $MINIMIND_SCALE_PLUGINS)")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import datasets
+import numpy as np
 import pyarrow.compute as pc
 import torch
 from torch.utils.data import DistributedSampler
@@ -27,6 +28,8 @@ from .errors import RecordError, UserError
 # Bump when the cached layout or the encoding wrapper changes, so stale caches are never reused.
 CACHE_FORMAT = 1
 MAX_REPORTED_ERRORS = 10
+# Data sets larger than this are copied into the cache by a helper process (see build_dataset).
+SAVE_IN_HELPER_BYTES = 256 << 20
 IGNORE_INDEX = -100
 # A well-formed sample whose loss-bearing part lies beyond max_seq_len: it would train nothing, so it
 # is dropped and counted, not treated as malformed.
@@ -96,6 +99,27 @@ def _read_lines(path: str) -> Iterator[dict]:
                 yield {"line": number, "raw": line}
 
 
+def _line_spans(path: str) -> Iterator[dict]:
+    """Where each non-blank line lies in the file (1-based number, byte offset, byte length): the
+    workers read the bytes themselves, so no copy of the corpus is written to Arrow and memory-mapped."""
+    with open(path, "rb") as f:
+        offset = 0
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                yield {"line": number, "offset": offset, "length": len(line)}
+            offset += len(line)
+
+
+def _encode_spans(batch: dict, path: str, encode, tokenizer, cfg, columns: list[str]) -> dict:
+    """`_encode_rows` over the lines of one batch of `_line_spans`, read from `path` in one go."""
+    start = min(batch["offset"])
+    with open(path, "rb") as f:
+        f.seek(start)
+        block = f.read(max(o + n for o, n in zip(batch["offset"], batch["length"])) - start)
+    raw = [block[o - start:o - start + n] for o, n in zip(batch["offset"], batch["length"])]
+    return _encode_rows({"line": batch["line"], "raw": raw}, encode, tokenizer, cfg, columns)
+
+
 def _encode_rows(batch: dict, encode, tokenizer, cfg, columns: list[str]) -> dict:
     out: dict[str, list] = {c: [] for c in columns}
     out["_error"], out["_line"] = [], []
@@ -152,9 +176,11 @@ class DataReport:
 
 def _encode_file(path: Path, spec, cfg, tokenizer, work_dir: Path, columns: list[str]) -> datasets.Dataset:
     datasets.disable_progress_bars()  # the read, filter and save steps are quick; only the tokenising bar helps
+    # Only line numbers and byte spans go to Arrow: a worker reading a memory-mapped copy of the raw
+    # text would keep every page it touched resident, about (file size / num_proc) each.
     raw = datasets.Dataset.from_generator(
-        _read_lines, gen_kwargs={"path": str(path)}, cache_dir=str(work_dir / "raw"),
-        features=datasets.Features({"line": datasets.Value("int64"), "raw": datasets.Value("binary")}),
+        _line_spans, gen_kwargs={"path": str(path)}, cache_dir=str(work_dir / "raw"),
+        features=datasets.Features({k: datasets.Value("int64") for k in ("line", "offset", "length")}),
     )
     features = datasets.Features({c: datasets.Sequence(datasets.Value("int32")) for c in columns})
     features["_error"] = datasets.Value("string")
@@ -163,9 +189,9 @@ def _encode_file(path: Path, spec, cfg, tokenizer, work_dir: Path, columns: list
     num_proc = max(1, min(cfg.num_proc, math.ceil(len(raw) / 2000)))
     datasets.enable_progress_bars()
     return raw.map(
-        _encode_rows, batched=True, batch_size=500, num_proc=num_proc if num_proc > 1 else None,
+        _encode_spans, batched=True, batch_size=500, num_proc=num_proc if num_proc > 1 else None,
         remove_columns=raw.column_names, features=features,
-        fn_kwargs=dict(encode=spec.encode, tokenizer=tokenizer, cfg=cfg, columns=columns),
+        fn_kwargs=dict(path=str(path), encode=spec.encode, tokenizer=tokenizer, cfg=cfg, columns=columns),
         desc=f"tokenising {path.name}",
     )
 
@@ -207,7 +233,9 @@ def build_dataset(spec, cfg, tokenizer, files: list[Path], target: Path) -> Data
         if len(merged) == 0:
             raise UserError(f"no usable record in {', '.join(map(str, files))}")
         merged = merged.remove_columns(["_error", "_line"])
-        merged.save_to_disk(str(work / "final"))
+        # A large copy runs in a helper process, one shard at a time: the memory-mapped pages it reads
+        # are released with each shard instead of piling up in this process's resident memory.
+        merged.save_to_disk(str(work / "final"), num_proc=1 if merged.data.nbytes > SAVE_IN_HELPER_BYTES else None)
         saved = datasets.load_from_disk(str(work / "final"))  # only the kept rows, memory-mapped
         tokens = sum(pc.sum(pc.list_value_length(saved.data.column(c))).as_py() or 0
                      for c in saved.column_names if c.endswith("input_ids"))
@@ -267,35 +295,73 @@ def prepare_dataset(spec, cfg, tokenizer, is_local_main: bool = True, log=print)
 class EpochSampler(DistributedSampler):
     """This rank's shuffled indices for one epoch (seed + epoch), starting after `skip` samples.
 
-    The order depends only on (seed, epoch, world size), which is what lets a resumed run continue
-    from the exact sample where the checkpoint was written.
+    The order depends only on (seed, epoch, world size, and with `lengths` the batch size), which is
+    what lets a resumed run continue from the exact sample where the checkpoint was written.
+
+    With `lengths` (one per row) the order is length-grouped: shuffled rows are cut into mega-batches
+    of GROUPED_BATCHES global batches, each sorted by length and cut into global batches, whose order
+    is shuffled again (the batch holding the longest row goes first, so running out of memory
+    happens at step 1, not hours in). Each rank's next `batch_size` rows come from the same global
+    batch, so all ranks step on rows of similar length.
     """
 
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, epoch: int, skip: int = 0, shuffle: bool = True):
+    GROUPED_BATCHES = 50
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, epoch: int, skip: int = 0, shuffle: bool = True,
+                 lengths: Optional[np.ndarray] = None, batch_size: int = 1):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.set_epoch(epoch)
         self.skip = skip
+        self.lengths = lengths
+        self.batch_size = batch_size
 
     def __iter__(self):
-        indices = list(super().__iter__())
+        indices = list(super().__iter__()) if self.lengths is None else self._length_grouped()
         return iter(indices[self.skip:])
+
+    def _length_grouped(self) -> list[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        n = len(self.lengths)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        order += order[:self.total_size - n]  # pad as DistributedSampler does, so ranks get equal counts
+        global_batch = self.batch_size * self.num_replicas
+        mega = global_batch * self.GROUPED_BATCHES
+        ranked = [i for start in range(0, len(order), mega)
+                  for i in sorted(order[start:start + mega], key=lambda j: -int(self.lengths[j]))]
+        batches = [ranked[start:start + global_batch] for start in range(0, len(ranked), global_batch)]
+        # A short last global batch stays last, or ranks would take rows from two different batches.
+        full = batches if len(batches[-1]) == global_batch else batches[:-1]
+        shuffled = [full[k] for k in torch.randperm(len(full), generator=g).tolist()] if self.shuffle else full
+        if shuffled:
+            longest = max(range(len(shuffled)), key=lambda k: int(self.lengths[shuffled[k][0]]))
+            shuffled.insert(0, shuffled.pop(longest))
+        flat = [i for b in shuffled + batches[len(full):] for i in b]
+        return flat[self.rank:self.total_size:self.num_replicas]
 
     def __len__(self):
         return max(0, self.num_samples - self.skip)
+
+
+def row_lengths(dataset: datasets.Dataset) -> np.ndarray:
+    """Tokens per row (the longest of its *input_ids columns: a DPO row pads to its longer side)."""
+    table = dataset.with_format("arrow")[:]
+    columns = [c for c in table.column_names if c.endswith("input_ids")]
+    return np.max([pc.list_value_length(table[c]).to_numpy(zero_copy_only=False) for c in columns], axis=0)
 
 
 def batches_per_epoch(n_rows: int, world: int, batch_size: int) -> int:
     return math.ceil(math.ceil(n_rows / world) / batch_size)
 
 
-def pad_collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row of the batch: input_ids with pad_id, labels with -100.
+def pad_collate(rows: list[dict[str, Any]], pad_id: int, length: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row of the batch (or to `length`): input_ids with pad_id, labels with -100.
 
     Packed rows (with position_ids) get position_ids padded with 0 and no attention_mask:
     transformers builds the per-sample causal mask from restarting position ids only when no mask
     is given. Each padding token then counts as a sample of its own, so it is never attended to.
     """
-    longest = max(len(r["input_ids"]) for r in rows)
+    longest = max([len(r["input_ids"]) for r in rows] + [length or 0])
     packed = "position_ids" in rows[0]
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
@@ -305,7 +371,14 @@ def pad_collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
         ids[i, :n] = torch.as_tensor(r["input_ids"])
         labels[i, :n] = torch.as_tensor(r["labels"])
         extra[i, :n] = torch.as_tensor(r["position_ids"]) if packed else 1
-    return {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
+    # `_tokens` (bookkeeping, not a model input): the real tokens, for throughput and MFU.
+    return {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra,
+            "_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
+
+
+def padded_length(cfg) -> Optional[int]:
+    """The fixed row length of `pad_to max_seq_len` (MiniMind's batches), else None: the batch's longest."""
+    return cfg.max_seq_len if getattr(cfg, "pad_to", "longest") == "max_seq_len" else None
 
 
 class IndexedRows(torch.utils.data.Dataset):
@@ -323,7 +396,11 @@ class IndexedRows(torch.utils.data.Dataset):
 
 
 def make_loader(dataset, collate, batch_size: int, world: int, rank: int, seed: int, epoch: int,
-                skip_batches: int = 0, shuffle: bool = True, num_workers: int = 0):
-    sampler = EpochSampler(dataset, world, rank, seed, epoch, skip=skip_batches * batch_size, shuffle=shuffle)
+                skip_batches: int = 0, shuffle: bool = True, num_workers: int = 0,
+                lengths: Optional[np.ndarray] = None):
+    """`lengths` (see row_lengths) switches to length-grouped batches."""
+    sampler = EpochSampler(dataset, world, rank, seed, epoch, skip=skip_batches * batch_size, shuffle=shuffle,
+                           lengths=lengths, batch_size=batch_size)
     return torch.utils.data.DataLoader(IndexedRows(dataset), batch_size=batch_size, sampler=sampler,
-                                       collate_fn=collate, num_workers=num_workers, drop_last=False)
+                                       collate_fn=collate, num_workers=num_workers, drop_last=False,
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=False)

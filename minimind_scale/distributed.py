@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import PeerLost, RunFailed, UserError
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,33 @@ def check_launcher(env: LaunchEnv) -> None:
                             f"(or accelerate_configs/cpu.yaml, or `torchrun --nproc_per_node {asked}`).")
 
 
+# How a collective reports that another rank is gone: gloo sees the socket close, NCCL aborts the
+# communicator or its watchdog times out.
+PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
+                      "Watchdog caught collective operation timeout", "timed out", "Timed out")
+
+
+@contextlib.contextmanager
+def peer_failures_as_errors(world_size: int, newest_checkpoint):
+    """Turn a collective that failed because another process died into one readable PeerLost error.
+
+    `newest_checkpoint()` names the checkpoint a rerun would resume from (called only on failure)."""
+    try:
+        yield
+    except RuntimeError as e:
+        dist_error = isinstance(e, getattr(torch.distributed, "DistError", ()))
+        if world_size < 2 or isinstance(e, RunFailed) or not (dist_error or any(s in str(e) for s in PEER_FAILURE_SIGNS)):
+            raise
+        # First sentence of the first line, without gloo's "[source file:line]" prefix.
+        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [""])[0])
+        cause = first.split(". ")[0][:200] or type(e).__name__
+        saved = newest_checkpoint()
+        raise PeerLost(f"another process of this {world_size}-process run stopped or became unreachable ({cause}). "
+                       "Its own log says why. " + (f"The newest complete checkpoint is {saved}; run the same command "
+                                                   "again to resume from it." if saved else "No checkpoint was saved yet.")
+                       ) from None
+
+
 @contextlib.contextmanager
 def whole_model_construction(accelerator):
     """Build models whole, never under DeepSpeed's zero.Init.
@@ -149,7 +177,10 @@ def make_accelerator(cfg, tracker_dir: str | None = None):
     accumulation = GradientAccumulationPlugin(num_steps=cfg.accumulation_steps, sync_with_dataloader=False)
     kwargs = dict(mixed_precision=precision, gradient_accumulation_plugin=accumulation,
                   log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=tracker_dir)
-    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=30))]
+    # Tokenisation runs before the group exists, so nothing legitimate keeps a rank out of a
+    # collective for long; a short timeout turns a peer that hangs into an error within minutes.
+    timeout = timedelta(seconds=cfg.collective_timeout_sec)
+    handlers = [InitProcessGroupKwargs(timeout=timeout)]
     if cfg.deepspeed:
         if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
             raise UserError("ACCELERATE_USE_CPU is set together with --deepspeed: that silently runs plain DDP. "
@@ -160,7 +191,7 @@ def make_accelerator(cfg, tracker_dir: str | None = None):
                                                      gradient_clipping=cfg.grad_clip or None,
                                                      zero3_init_flag=False)
         if not cuda:
-            handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30))]
+            handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     else:
         kwargs["cpu"] = not cuda
     accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)

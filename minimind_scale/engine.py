@@ -8,7 +8,9 @@ accumulation steps and DDP/ZeRO average over ranks, so the gradient is exactly Î
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,13 +19,15 @@ from types import SimpleNamespace
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import TrainState, find_resume_checkpoint, read_state, save_checkpoint
+from .chunked_loss import enable_loss_forward
+from .checkpoint import TrainState, find_resume_checkpoint, read_state, removed_on_write_failure, save_checkpoint
 from .config import save_config
-from .data import batches_per_epoch, make_loader, prepare_dataset
+from .data import batches_per_epoch, make_loader, prepare_dataset, row_lengths
 from .distributed import (LaunchEnv, check_launcher, check_tracker, load_deepspeed_config, make_accelerator,
                           whole_model_construction)
 from .errors import NonFiniteLoss, UserError
 from .faults import NAN_AT_STEP, STEP_DELAY, StopRequest
+from .flops import device_peak_flops, train_flops_per_token
 from .losses import count_label_tokens
 from .metrics import MetricsLog
 from .models import build_model, check_model_source, count_parameters, load_tokenizer, save_hf
@@ -97,7 +101,8 @@ def optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window:
     """Forward/backward every micro-batch of one optimizer step; returns the step's global sums."""
     units = sum(float(spec.loss_units(b)) for b in window)
     tokens = sum(float(count_label_tokens(b)) for b in window if "labels" in b)
-    total_units, total_tokens = reduce_sum(accelerator, [units, tokens])
+    inputs = sum(float(b["_tokens"]) for b in window if "_tokens" in b)
+    total_units, total_tokens, total_inputs = reduce_sum(accelerator, [units, tokens, inputs])
     scale = accelerator.num_processes * cfg.accumulation_steps / max(total_units, 1.0)
     # A short window (the end of an epoch) must still sync on its last micro-batch: accelerate's
     # accumulate() syncs when its counter reaches the accumulation steps.
@@ -117,7 +122,9 @@ def optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window:
     reduced = reduce_sum(accelerator, [loss_sum] + [metric_sums[k] for k in names])
     loss = reduced[0] / max(total_units, 1.0)
     metrics = {k: v / max(total_units, 1.0) for k, v in zip(names, reduced[1:])}
-    return {"loss": loss, "tokens": int(total_tokens), "units": total_units, **metrics}
+    row_length = max((b["input_ids"].shape[1] for b in window if "input_ids" in b), default=0)
+    return {"loss": loss, "tokens": int(total_tokens), "units": total_units, "input_tokens": int(total_inputs),
+            "row_length": int(row_length), **metrics}
 
 
 def clip_gradients(accelerator, model, cfg) -> float | None:
@@ -163,6 +170,8 @@ def train(spec, cfg) -> Path:
         model = build_model(cfg.model, tokenizer, cfg.hidden_size, cfg.num_hidden_layers)
         if spec.setup is not None:
             model = spec.setup(model, cfg, ctx)
+    if cfg.cross_entropy != "full":  # before prepare: Accelerate's autocast wraps the forward it finds
+        enable_loss_forward(model, cfg.cross_entropy)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -188,6 +197,8 @@ def train(spec, cfg) -> Path:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
+        # What the run trained on: records kept, skipped per reason, tokens (also beside the cache).
+        (out_dir / "data_report.json").write_text(json.dumps(report.__dict__, indent=1))
     if cfg.report_to != "none":
         # Trackers' hyper-parameter tables take scalars only; lists and None are written as text.
         flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in cfg.model_dump(mode="json").items()}
@@ -195,11 +206,16 @@ def train(spec, cfg) -> Path:
     metrics_log = MetricsLog(out_dir, accelerator, state.step)
 
     precision = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32"
+    peak_flops = device_peak_flops(precision, cfg.peak_tflops)
+    model_config = getattr(accelerator.unwrap_model(model), "config", None)
+    flops_per_token = (lambda row_length: train_flops_per_token(model_config, row_length, n_trainable / n_params)) \
+        if model_config is not None else (lambda row_length: 0.0)
     say(f"[{spec.name}] model {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable) | "
         f"data {report.summary()} | {total_steps} steps of {cfg.batch_size}x{cfg.accumulation_steps}x{world} rows | "
         f"{precision} | {accelerator.distributed_type.name.lower()} x{world} on {accelerator.device}")
 
     collate = lambda rows: spec.collate(rows, tokenizer, cfg)  # noqa: E731
+    lengths = row_lengths(dataset) if cfg.group_by_length else None
     bar = tqdm(total=total_steps, initial=state.step, desc=spec.name, disable=not accelerator.is_main_process,
                dynamic_ncols=True, file=sys.stdout)
     model.train()
@@ -207,9 +223,11 @@ def train(spec, cfg) -> Path:
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     reset_peak_memory()
     started, last_log_time, tokens_at_last_log = time.time(), time.time(), state.tokens
+    inputs_since_log, flops_since_log = 0, 0.0
     while state.step < total_steps:
         loader = make_loader(dataset, collate, cfg.batch_size, world, accelerator.process_index, cfg.seed,
-                             state.epoch, skip_batches=state.batch_in_epoch)
+                             state.epoch, skip_batches=state.batch_in_epoch, num_workers=cfg.dataloader_workers,
+                             lengths=lengths)
         batches = iter(loader)
         while state.step < total_steps:
             window = list(itertools.islice(batches, cfg.accumulation_steps))
@@ -235,16 +253,23 @@ def train(spec, cfg) -> Path:
             state.batch_in_epoch += len(window)
             state.tokens += result.pop("tokens")
             result.pop("units")
+            step_inputs = result.pop("input_tokens")
+            inputs_since_log += step_inputs
+            flops_since_log += step_inputs * flops_per_token(result.pop("row_length"))
             if state.step % cfg.log_interval == 0 or state.step == total_steps:
                 now = time.time()
+                span = max(now - last_log_time, 1e-9)
                 row = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / max(1, per_epoch * cfg.accumulation_steps),
                        "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
-                       "tokens_per_sec": (state.tokens - tokens_at_last_log) / max(now - last_log_time, 1e-9),
+                       "tokens_per_sec": (state.tokens - tokens_at_last_log) / span,
+                       "input_tokens_per_sec": inputs_since_log / span,
                        "elapsed_sec": state.elapsed_sec + now - started, "world_size": world,
                        "peak_mem_mb": peak_memory_mb(accelerator), "skipped_steps": state.skipped_steps, **result}
+                if peak_flops:
+                    row["mfu"] = flops_since_log / span / (peak_flops * world)
                 metrics_log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_sec']:.0f}")
-                last_log_time, tokens_at_last_log = now, state.tokens
+                last_log_time, tokens_at_last_log, inputs_since_log, flops_since_log = now, state.tokens, 0, 0.0
             bar.update(1)
             if STEP_DELAY:
                 time.sleep(STEP_DELAY)
@@ -272,13 +297,18 @@ def train(spec, cfg) -> Path:
 
 
 def save_final(accelerator, model, tokenizer, out_dir: Path, spec, cfg, ctx) -> Path:
-    final = out_dir / "final"
+    """final/ is written under a temporary name and renamed, like a checkpoint: it is complete or absent."""
+    final, partial = out_dir / "final", out_dir / ".tmp-final"
     # Under DeepSpeed every rank must join the gather of sharded weights; otherwise the model's own
     # state dict (with its tied embedding) is what save_pretrained expects.
     state_dict = accelerator.get_state_dict(model) if accelerator.state.deepspeed_plugin is not None else None
     if accelerator.is_main_process:
-        save_hf(accelerator.unwrap_model(model), tokenizer, final, state_dict=state_dict)
-        if spec.finalize is not None:
-            spec.finalize(accelerator.unwrap_model(model), tokenizer, final, cfg, ctx)
+        shutil.rmtree(partial, ignore_errors=True)
+        with removed_on_write_failure(partial, out_dir):
+            save_hf(accelerator.unwrap_model(model), tokenizer, partial, state_dict=state_dict)
+            if spec.finalize is not None:
+                spec.finalize(accelerator.unwrap_model(model), tokenizer, partial, cfg, ctx)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
     accelerator.wait_for_everyone()
     return final

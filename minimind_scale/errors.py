@@ -17,5 +17,17 @@ class RecordError(ValueError):
         self.reason = reason
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the run stops without saving. Exit code 1."""
+class RunFailed(RuntimeError):
+    """The run cannot go on, but completed work is safe on disk. Printed without a traceback; exit code 1."""
+
+
+class NonFiniteLoss(RunFailed):
+    """The loss became NaN or infinite; the run stops without saving."""
+
+
+class PeerLost(RunFailed):
+    """Another process of a multi-process run died, so no collective can complete."""
+
+
+class CheckpointWriteFailed(RunFailed):
+    """Writing a checkpoint failed (a full disk, a quota); the partial copy was removed."""

@@ -45,18 +45,41 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return picked * mask, mask
 
 
-def forward_logits(model, batch: dict):
-    """One forward pass; `use_cache=False` also keeps packed samples from attending to each other."""
+def forward_kwargs(batch: dict) -> dict:
+    """The model inputs of a batch; `use_cache=False` also keeps packed samples from attending to each other."""
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
-    return model(**kwargs)
+    return kwargs
+
+
+def forward_logits(model, batch: dict):
+    """One forward pass."""
+    return model(**forward_kwargs(batch))
+
+
+def forward_loss_sum(model, batch: dict, cfg):
+    """The loss-only forward that chunked_loss.enable_loss_forward bound on the model (cross_entropy chunked
+    or liger): `out.loss` is the fp32 next-token loss sum, and no logits exist. Called through `model`,
+    the Accelerate wrapper, so its hooks (DDP, DeepSpeed) run. `max_tokens` bounds every micro-batch's
+    positions, so that all ranks split theirs into the same number of chunks."""
+    out = model(**forward_kwargs(batch), labels=batch["labels"], loss_sum_only=True,
+                max_tokens=cfg.batch_size * cfg.max_seq_len)
+    if out.logits is not None:
+        # The plain forward ran (with a mean loss): nothing bound the loss-only variant.
+        raise RuntimeError(f"cross_entropy {cfg.cross_entropy} needs chunked_loss.enable_loss_forward(model) "
+                           "before accelerator.prepare")
+    return out
 
 
 def causal_lm_loss(model, batch: dict, cfg=None, ctx=None) -> LossOutput:
     """Next-token cross-entropy summed over loss-bearing tokens; an MoE model's router loss joins it."""
-    out = forward_logits(model, batch)
-    loss_sum = token_cross_entropy_sum(out.logits, batch["labels"])
+    if getattr(cfg, "cross_entropy", "full") != "full":
+        out = forward_loss_sum(model, batch, cfg)
+        loss_sum = out.loss
+    else:
+        out = forward_logits(model, batch)
+        loss_sum = token_cross_entropy_sum(out.logits, batch["labels"])
     metrics = {}
     aux = getattr(out, "aux_loss", None)
     if aux is not None:

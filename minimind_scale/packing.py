@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 IGNORE_INDEX = -100
@@ -105,6 +106,80 @@ def _materialise(batch: dict, source: datasets.Dataset) -> dict:
     return out
 
 
+class _FileRows:
+    """`rows[indices]` -> {column: [token list per row]} for a data set kept in Arrow stream files,
+    read with pread rather than through a memory map.
+
+    A bin's samples lie anywhere in the source. Read through a memory map, every page a process
+    touches stays resident in it until the map is dropped (on recent kernels a whole large folio,
+    often hundreds of kB, per random read), so each packing worker would end up holding about the
+    whole source. Here only the list offsets are kept (4 bytes per row and column); tokens are read
+    on demand from the page cache.
+    """
+
+    def __init__(self, files: list[str], columns: list[str]):
+        self.files, self.columns, self._fds = files, columns, None
+        first_rows, self.spans, self.offsets, row = [], [], [], 0
+        for k, path in enumerate(files):
+            with pa.OSFile(path) as f:
+                reader = pa.ipc.MessageReader.open_stream(f)
+                schema = pa.ipc.read_schema(reader.read_next_message())
+                while True:
+                    try:
+                        message = reader.read_next_message()
+                    except StopIteration:
+                        break
+                    body_at = f.tell() - message.body.size  # the body ends the message
+                    batch = pa.ipc.read_record_batch(message, schema)
+                    at, offsets = [], []
+                    for c in columns:
+                        col = batch.column(c)
+                        if (col.type != pa.list_(pa.int32()) or col.offset or col.null_count
+                                or col.values.offset or col.values.null_count):
+                            raise ValueError(f"{path}: column {c} is not a plain list of int32")
+                        at.append(body_at + col.buffers()[3].address - message.body.address)
+                        offsets.append(col.offsets.to_numpy().copy())  # not a view that keeps the body alive
+                    first_rows.append(row)
+                    row += batch.num_rows
+                    self.spans.append((k, at))
+                    self.offsets.append(offsets)
+        self.first_rows, self.num_rows = np.asarray(first_rows, dtype=np.int64), row
+
+    @classmethod
+    def of(cls, dataset: datasets.Dataset) -> Optional["_FileRows"]:
+        """A reader for `dataset` when its rows are exactly those of its Arrow files, in order; else None."""
+        files = [f["filename"] for f in dataset.cache_files]
+        if not files or dataset._indices is not None:
+            return None
+        try:
+            rows = cls(files, dataset.column_names)
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            return None
+        ends = [0, len(dataset) - 1] if len(dataset) else []
+        if rows.num_rows != len(dataset) or rows[ends] != dataset.with_format(None)[ends]:
+            return None
+        return rows
+
+    def __getitem__(self, indices: list[int]) -> dict[str, list[list[int]]]:
+        if self._fds is None:
+            self._fds = [os.open(p, os.O_RDONLY) for p in self.files]
+        out = {c: [] for c in self.columns}
+        for i, b in zip(indices, (np.searchsorted(self.first_rows, indices, side="right") - 1).tolist()):
+            k, at = self.spans[b]
+            local = i - int(self.first_rows[b])
+            for c, start, offsets in zip(self.columns, at, self.offsets[b]):
+                lo, hi = int(offsets[local]), int(offsets[local + 1])
+                out[c].append(np.frombuffer(os.pread(self._fds[k], 4 * (hi - lo), start + 4 * lo), dtype="<i4").tolist())
+        return out
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fds": None}
+
+    def __del__(self):
+        for fd in self._fds or []:
+            os.close(fd)
+
+
 def pack_dataset(dataset: datasets.Dataset, max_seq_len: int, num_proc: int = 1,
                  cache_file: Optional[str] = None) -> tuple[datasets.Dataset, PackingReport]:
     """`dataset` (columns input_ids, labels) packed into rows of at most `max_seq_len` tokens.
@@ -117,14 +192,18 @@ def pack_dataset(dataset: datasets.Dataset, max_seq_len: int, num_proc: int = 1,
     # Lengths straight from the Arrow list column: no token is decoded into Python objects.
     lengths = pc.list_value_length(dataset.with_format("arrow")[:]["input_ids"]).to_numpy(zero_copy_only=False)
     bins = best_fit_decreasing(lengths, max_seq_len)
+    n_rows = len(bins)
     plan = datasets.Dataset.from_dict({"members": bins},
                                       features=datasets.Features({"members": datasets.Sequence(datasets.Value("int64"))}))
+    del bins  # forked workers would each count these Python lists again
     features = datasets.Features({c: datasets.Sequence(datasets.Value("int32")) for c in PACKED_COLUMNS})
-    num_proc = max(1, min(num_proc, len(bins) // 2000))
+    num_proc = max(1, min(num_proc, n_rows // 2000))
+    source = dataset.select_columns(["input_ids", "labels"])
+    rows = _FileRows.of(source)  # file-backed: read without a memory map
     packed = plan.map(_materialise, batched=True, batch_size=200, remove_columns=["members"], features=features,
-                      fn_kwargs={"source": dataset.select_columns(["input_ids", "labels"])},
+                      fn_kwargs={"source": source if rows is None else rows},
                       num_proc=num_proc if num_proc > 1 else None, cache_file_name=cache_file, desc="packing")
-    report = PackingReport(samples=len(lengths), rows=len(bins), tokens=int(lengths.sum()), max_seq_len=max_seq_len)
+    report = PackingReport(samples=len(lengths), rows=n_rows, tokens=int(lengths.sum()), max_seq_len=max_seq_len)
     return packed, report
 
 
@@ -167,7 +246,9 @@ def _build_packed(spec, cfg, unpacked_dir: Path, target: Path) -> None:
         datasets.disable_progress_bars()
         source = datasets.load_from_disk(str(unpacked_dir))
         packed, report = pack_dataset(source, cfg.max_seq_len, cfg.num_proc, cache_file=str(work / "rows.arrow"))
-        packed.save_to_disk(str(work / "final"))
+        from .data import SAVE_IN_HELPER_BYTES  # large copies run in a helper process, as in build_dataset
+
+        packed.save_to_disk(str(work / "final"), num_proc=1 if packed.data.nbytes > SAVE_IN_HELPER_BYTES else None)
         (work / "final" / REPORT_FILE).write_text(json.dumps(report.__dict__, indent=1))
         try:
             os.rename(work / "final", target)

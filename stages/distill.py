@@ -30,6 +30,8 @@ class DistillConfig(TrainConfig):
 
     teacher: Optional[str] = Field(None, validate_default=True, description="(required) the teacher model directory; must share the student's vocabulary")
     model: str = Field("minimind2-small", description="the student: a preset (from scratch) or a model directory")
+    packing: bool = Field(True, description="pack several samples into each max_seq_len row (best-fit decreasing); "
+                          "attention never crosses samples, so the loss is that of unpacked rows")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label CE; 1 - alpha goes to the KL term")
     temperature: float = Field(1.5, gt=0, description="softmax temperature T of both models in the KL term (scaled by T²)")
     delimiter_weight: float = Field(1.0, gt=0, description="CE weight of <think>, </think> and the first answer token (reasoning distillation; 1 = off)")

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from minimind_scale import LossOutput, StageSpec, TrainConfig, register_stage
 from minimind_scale.conversation import encode_chat, normalize_messages
-from minimind_scale.data import IGNORE_INDEX, NO_LOSS, file_fingerprint, pad_collate
+from minimind_scale.data import IGNORE_INDEX, NO_LOSS, file_fingerprint, pad_collate, padded_length
 from minimind_scale.errors import RecordError, UserError
 from minimind_scale.losses import forward_logits
 from minimind_scale.models import is_model_dir
@@ -64,7 +64,7 @@ def encode(record: dict, tokenizer, cfg) -> dict:
 def collate(rows, tokenizer, cfg):
     """Chosen rows first, then rejected, padded together: a pair can never be split across micro-batches."""
     sides = [{"input_ids": r[f"{s}_input_ids"], "labels": r[f"{s}_labels"]} for s in SIDES for r in rows]
-    batch = pad_collate(sides, tokenizer.pad_token_id)
+    batch = pad_collate(sides, tokenizer.pad_token_id, padded_length(cfg))
     if rows and "_index" in rows[0]:
         batch["_index"] = torch.tensor([r["_index"] for r in rows], dtype=torch.long)
     return batch

@@ -3,7 +3,7 @@ from pydantic import Field
 
 from minimind_scale import StageSpec, TrainConfig, register_stage
 from minimind_scale.conversation import encode_chat, normalize_messages
-from minimind_scale.data import pad_collate
+from minimind_scale.data import pad_collate, padded_length
 from minimind_scale.losses import causal_lm_loss, count_label_tokens
 
 
@@ -27,7 +27,7 @@ def encode(record: dict, tokenizer, cfg) -> dict:
 
 
 def collate(rows, tokenizer, cfg):
-    return pad_collate(rows, tokenizer.pad_token_id)
+    return pad_collate(rows, tokenizer.pad_token_id, padded_length(cfg))
 
 
 SPEC = register_stage(StageSpec(

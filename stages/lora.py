@@ -24,6 +24,8 @@ class LoraConfig(TrainConfig):
     50 passes suit its 91-line identity set but overfit anything larger (set epochs for tiny sets)."""
 
     model: str = Field("out/full_sft/final", description="the model directory to adapt (usually an SFT run's final/); not a preset")
+    packing: bool = Field(True, description="pack several samples into each max_seq_len row (best-fit decreasing); "
+                          "attention never crosses samples, so the loss is that of unpacked rows")
     lora_rank: int = Field(8, ge=1, description="LoRA rank r")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: the update is (alpha / r)·B·A")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")

@@ -85,7 +85,8 @@ def test_packed_columns_restart_positions_and_mask_each_later_first_label():
 def test_collate_carries_position_ids_and_no_mask_for_packed_rows():
     batch = pad_collate([{"input_ids": [5, 6, 7], "labels": [5, -100, 7], "position_ids": [0, 0, 1]},
                          {"input_ids": [8], "labels": [8], "position_ids": [0]}], pad_id=0)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "_tokens"}  # no attention_mask
+    assert batch["_tokens"] == 4
     assert batch["position_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
     assert batch["labels"].tolist() == [[5, -100, 7], [8, -100, -100]]
 

@@ -39,7 +39,7 @@ def test_loss_normalisation_independent_of_accumulation_and_processes(tmp_path, 
     """1×(batch 8), 1×(batch 2, accumulation 4) and 2 processes×(batch 2, accumulation 2) see the same
     8 samples per optimizer step, so with a token-weighted mean their losses and weights agree."""
     common = ["sft", "--data_path", str(varied_sft), "--max_steps", "4", *TINY]
-    run_cli([*common, "--out_dir", str(tmp_path / "a"), "--batch_size", "8"], data_cache)
+    run_cli([*common, "--out_dir", str(tmp_path / "a"), "--batch_size", "8", "--peak_tflops", "1"], data_cache)
     run_cli([*common, "--out_dir", str(tmp_path / "b"), "--batch_size", "2", "--accumulation_steps", "4"], data_cache)
     run_cli([*common, "--out_dir", str(tmp_path / "c"), "--batch_size", "2", "--accumulation_steps", "2"], data_cache,
             nproc=2)
@@ -48,6 +48,10 @@ def test_loss_normalisation_independent_of_accumulation_and_processes(tmp_path, 
     assert_same_run(tmp_path / "a", tmp_path / "c")
     # Every step's tokens are counted over all micro-batches and both ranks.
     assert [r["tokens"] for r in read_metrics(tmp_path / "a")] == [r["tokens"] for r in read_metrics(tmp_path / "c")]
+    # Throughput counts every real token (prompts too), and a known peak gives model FLOPs utilisation.
+    for row in read_metrics(tmp_path / "a"):
+        assert row["input_tokens_per_sec"] > row["tokens_per_sec"] > 0 and 0 < row["mfu"] < 1
+    assert "mfu" not in read_metrics(tmp_path / "b")[0]  # a CPU's peak is not known
 
 
 def test_first_step_loss_is_the_token_mean(tmp_path, data_cache, varied_sft):

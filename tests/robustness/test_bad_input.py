@@ -241,6 +241,9 @@ def check_skipped_run(tmp: Path, res) -> None:
     assert (final / "config.json").is_file() and (final / "model.safetensors").is_file(), out[-3000:]
     assert re.search(r"\b1 bad\b|skipped\D{0,20}\b1\b|\b1\b\D{0,20}skipped", out), f"skipped count not logged:\n{out[-3000:]}"
     assert re.search(rf"\b{len(GOOD_TEXT)} records\b", out), out[-3000:]
+    report = json.loads((tmp / "out" / "data_report.json").read_text())
+    assert report["records"] == len(GOOD_TEXT) and report["skipped"] == 1, report
+    assert sum(report["reasons"].values()) == 1 and "JSON" in next(iter(report["reasons"])), report
 
 
 PRE, SECOND, SFT, YAML = "{tmp}/pre.jsonl", "{tmp}/second.jsonl", "{tmp}/sft.jsonl", "{tmp}/run.yaml"
