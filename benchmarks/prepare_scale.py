@@ -1,7 +1,8 @@
 """Data preparation at scale: `prepare` on a generated ~1 GB corpus, then a cache-hit training start.
 
     python benchmarks/prepare_scale.py [--size_gb 1.0] [--stage pretrain|full_sft] [--num_proc N]
-        [--work DIR] [--keep] [--out benchmarks/results/prepare_scale.json]
+        [--batch_size 1] [--accumulation_steps 1] [--work DIR] [--keep] [--quiet]
+        [--out benchmarks/results/prepare_scale.json]
 
 1. Writes a deterministic jsonl corpus of about --size_gb GiB (seeded numpy RNG): pretrain records
    {"text": ...} of a few hundred to a few thousand characters, mostly English with some Chinese and
@@ -10,12 +11,19 @@
    the stage's default, i.e. on) with a fresh MINIMIND_SCALE_CACHE, timing it and sampling the
    resident memory of the process and all its descendants (datasets.map workers) every 0.2 s from
    /proc: the peak of the summed VmRSS, the largest single-process VmRSS, and (as a check on the
-   sum, which counts pages shared by forked workers once per process) the peak summed PSS and RssAnon.
-   Records and tokens come from the data_report.json that prepare writes beside the cached data.
+   sum, which counts pages shared by forked workers once per process) the peak summed PSS and RssAnon,
+   overall and per phase (tokenising, packing, exit; phase ends from the time stamps of prepare's
+   output lines). Records and tokens come from the data_report.json that prepare writes beside the
+   cached data; records/s and tokens/s are over the whole wall time.
 3. Runs the stage's training command (--model tiny --max_steps 1 --dtype fp32) on the same files and
-   cache — a cache hit — and times it until the first row appears in its metrics.jsonl.
+   cache — a cache hit — and times it until the first row appears in its metrics.jsonl, memory sampled
+   the same way. The step is one row (--batch_size 1 --accumulation_steps 1) so that the time measures
+   reaching training, not the arithmetic of the stage's default 32x8-row step, which alone takes minutes
+   on a CPU; pass 0 to either to use the stage's default.
 
-Prints a Markdown table and writes JSON. The work directory (corpus, cache, run) is deleted unless --keep.
+Prints a Markdown table and writes JSON (paths relative to the work directory, the 1-minute load average
+before and after each run: other work on the machine slows the timings). The work directory (corpus,
+cache, logs, per-sample memory traces mem_*.tsv) is deleted unless --keep.
 """
 from __future__ import annotations
 
