@@ -45,12 +45,16 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def newest_checkpoint(out_dir: Path) -> Optional[Path]:
+    found = complete_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
 def find_resume_checkpoint(resume: str, out_dir: Path) -> Optional[Path]:
     if resume == "never":
         return None
     if resume == "auto":
-        found = complete_checkpoints(out_dir)
-        return found[-1] if found else None
+        return newest_checkpoint(out_dir)
     p = Path(resume)
     if not (p / STATE_FILE).is_file():
         raise UserError(f"resume: {resume} is not a checkpoint directory (no {STATE_FILE} in it)")
@@ -70,14 +74,14 @@ def removed_on_write_failure(partial: Path, out_dir: Path):
         yield
     except Exception as e:  # noqa: BLE001 - any failure while writing leaves the same state behind
         shutil.rmtree(partial, ignore_errors=True)
-        intact = complete_checkpoints(out_dir)
+        intact = newest_checkpoint(out_dir)
         try:
             free = f"{shutil.disk_usage(out_dir).free / 2**20:.0f} MiB free on that disk"
         except OSError:
             free = "free space unknown"
         raise CheckpointWriteFailed(
             f"could not write {partial} ({type(e).__name__}: {str(e).strip()[:200]}; {free}). The partial copy was "
-            "removed. " + (f"{intact[-1]} is intact: make room and run the same command again to resume from it."
+            "removed. " + (f"{intact} is intact: make room and run the same command again to resume from it."
                            if intact else "No earlier checkpoint exists.")) from None
 
 

@@ -119,15 +119,11 @@ def run_stage(name: str, argv: list[str], plugins: list[str]) -> None:
     spec = registry.get_stage(name)
     cfg = _config_for(spec.config, argv, name)
     cfg.plugin = plugins
-    from .checkpoint import complete_checkpoints
+    from .checkpoint import newest_checkpoint
     from .distributed import LaunchEnv, peer_failures_as_errors
     from .engine import train
 
-    def newest_checkpoint():
-        found = complete_checkpoints(Path(cfg.out_dir))
-        return found[-1] if found else None
-
-    with peer_failures_as_errors(LaunchEnv.from_environ().world_size, newest_checkpoint):
+    with peer_failures_as_errors(LaunchEnv.from_environ().world_size, lambda: newest_checkpoint(Path(cfg.out_dir))):
         train(spec, cfg)
 
 

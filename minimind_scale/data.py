@@ -28,7 +28,7 @@ from .errors import RecordError, UserError
 # Bump when the cached layout or the encoding wrapper changes, so stale caches are never reused.
 CACHE_FORMAT = 1
 MAX_REPORTED_ERRORS = 10
-# Data sets larger than this are copied into the cache by a helper process (see build_dataset).
+# Data sets larger than this are copied into the cache by a helper process (see save_to_cache).
 SAVE_IN_HELPER_BYTES = 256 << 20
 IGNORE_INDEX = -100
 # A well-formed sample whose loss-bearing part lies beyond max_seq_len: it would train nothing, so it
@@ -212,6 +212,12 @@ def _collect_errors(parts: list[tuple[Path, datasets.Dataset]]) -> tuple[list[st
     return shown, reasons, malformed, no_loss
 
 
+def save_to_cache(dataset: datasets.Dataset, path: Path) -> None:
+    """`save_to_disk`; a large copy runs in a helper process, one shard at a time, so the memory-mapped
+    pages it reads are released with each shard instead of piling up in this process's resident memory."""
+    dataset.save_to_disk(str(path), num_proc=1 if dataset.data.nbytes > SAVE_IN_HELPER_BYTES else None)
+
+
 def build_dataset(spec, cfg, tokenizer, files: list[Path], target: Path) -> DataReport:
     """Encode every file into `target` (written under a temporary name, then renamed)."""
     work = target.parent / f".tmp-{target.name}-{os.getpid()}"
@@ -233,9 +239,7 @@ def build_dataset(spec, cfg, tokenizer, files: list[Path], target: Path) -> Data
         if len(merged) == 0:
             raise UserError(f"no usable record in {', '.join(map(str, files))}")
         merged = merged.remove_columns(["_error", "_line"])
-        # A large copy runs in a helper process, one shard at a time: the memory-mapped pages it reads
-        # are released with each shard instead of piling up in this process's resident memory.
-        merged.save_to_disk(str(work / "final"), num_proc=1 if merged.data.nbytes > SAVE_IN_HELPER_BYTES else None)
+        save_to_cache(merged, work / "final")
         saved = datasets.load_from_disk(str(work / "final"))  # only the kept rows, memory-mapped
         tokens = sum(pc.sum(pc.list_value_length(saved.data.column(c))).as_py() or 0
                      for c in saved.column_names if c.endswith("input_ids"))

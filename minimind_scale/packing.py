@@ -24,9 +24,9 @@ from typing import Optional, Sequence
 import datasets
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX, row_lengths, save_to_cache
+
 PACKED_COLUMNS = ("input_ids", "labels", "position_ids")
 REPORT_FILE = "packing_report.json"
 
@@ -189,8 +189,8 @@ def pack_dataset(dataset: datasets.Dataset, max_seq_len: int, num_proc: int = 1,
     extra = set(dataset.column_names) - {"input_ids", "labels"}
     if extra or "input_ids" not in dataset.column_names or "labels" not in dataset.column_names:
         raise ValueError(f"packing needs exactly the columns input_ids and labels, got {dataset.column_names}")
-    # Lengths straight from the Arrow list column: no token is decoded into Python objects.
-    lengths = pc.list_value_length(dataset.with_format("arrow")[:]["input_ids"]).to_numpy(zero_copy_only=False)
+    # Lengths straight from the Arrow list column (row_lengths): no token is decoded into Python objects.
+    lengths = row_lengths(dataset)
     bins = best_fit_decreasing(lengths, max_seq_len)
     n_rows = len(bins)
     plan = datasets.Dataset.from_dict({"members": bins},
@@ -246,9 +246,7 @@ def _build_packed(spec, cfg, unpacked_dir: Path, target: Path) -> None:
         datasets.disable_progress_bars()
         source = datasets.load_from_disk(str(unpacked_dir))
         packed, report = pack_dataset(source, cfg.max_seq_len, cfg.num_proc, cache_file=str(work / "rows.arrow"))
-        from .data import SAVE_IN_HELPER_BYTES  # large copies run in a helper process, as in build_dataset
-
-        packed.save_to_disk(str(work / "final"), num_proc=1 if packed.data.nbytes > SAVE_IN_HELPER_BYTES else None)
+        save_to_cache(packed, work / "final")
         (work / "final" / REPORT_FILE).write_text(json.dumps(report.__dict__, indent=1))
         try:
             os.rename(work / "final", target)
