@@ -68,6 +68,9 @@ class TrainConfig(StrictConfig):
     peak_tflops: Optional[float] = Field(None, gt=0, description="one device's peak TFLOP/s at the run's precision, for "
                                          "the mfu metric (default: a table of common GPUs; none on CPUs)")
     dataloader_workers: int = Field(0, ge=0, description="data loader worker processes (0: load in the training process)")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
+        "auto", description="attention kernel: auto = flash_attention_2 on CUDA in bf16/fp16 where flash-attn is "
+                            "installed, else sdpa. Packed rows never attend across samples with any of them")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     compile: bool = Field(False, description="torch.compile the model")
     plugin: list[str] = Field(default_factory=list, description="extra stage plugin files to load (also $MINIMIND_SCALE_PLUGINS)")

@@ -6,6 +6,7 @@ first problems with file and line, or skip them when the user asked for that.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DistributedSampler
 
+from .attention import varlen_boundaries
 from .errors import RecordError, UserError
 
 # Bump when the cached layout or the encoding wrapper changes, so stale caches are never reused.
@@ -174,26 +176,38 @@ class DataReport:
         return text
 
 
+@contextlib.contextmanager
+def datasets_progress(enabled: bool):
+    """datasets' progress bars on or off for a block, then as they were. Only long steps (tokenising,
+    packing) show one; reading, filtering and saving are quick."""
+    before = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if before else datasets.disable_progress_bars)()
+
+
 def _encode_file(path: Path, spec, cfg, tokenizer, work_dir: Path, columns: list[str]) -> datasets.Dataset:
-    datasets.disable_progress_bars()  # the read, filter and save steps are quick; only the tokenising bar helps
     # Only line numbers and byte spans go to Arrow: a worker reading a memory-mapped copy of the raw
     # text would keep every page it touched resident, about (file size / num_proc) each.
-    raw = datasets.Dataset.from_generator(
-        _line_spans, gen_kwargs={"path": str(path)}, cache_dir=str(work_dir / "raw"),
-        features=datasets.Features({k: datasets.Value("int64") for k in ("line", "offset", "length")}),
-    )
+    with datasets_progress(False):
+        raw = datasets.Dataset.from_generator(
+            _line_spans, gen_kwargs={"path": str(path)}, cache_dir=str(work_dir / "raw"),
+            features=datasets.Features({k: datasets.Value("int64") for k in ("line", "offset", "length")}),
+        )
     features = datasets.Features({c: datasets.Sequence(datasets.Value("int32")) for c in columns})
     features["_error"] = datasets.Value("string")
     features["_line"] = datasets.Value("int64")
     # Small files are faster in one process than in a pool that must start up.
     num_proc = max(1, min(cfg.num_proc, math.ceil(len(raw) / 2000)))
-    datasets.enable_progress_bars()
-    return raw.map(
-        _encode_spans, batched=True, batch_size=500, num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=raw.column_names, features=features,
-        fn_kwargs=dict(path=str(path), encode=spec.encode, tokenizer=tokenizer, cfg=cfg, columns=columns),
-        desc=f"tokenising {path.name}",
-    )
+    with datasets_progress(True):
+        return raw.map(
+            _encode_spans, batched=True, batch_size=500, num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=raw.column_names, features=features,
+            fn_kwargs=dict(path=str(path), encode=spec.encode, tokenizer=tokenizer, cfg=cfg, columns=columns),
+            desc=f"tokenising {path.name}",
+        )
 
 
 def _collect_errors(parts: list[tuple[Path, datasets.Dataset]]) -> tuple[list[str], Counter, int, int]:
@@ -226,34 +240,40 @@ def build_dataset(spec, cfg, tokenizer, files: list[Path], target: Path) -> Data
     try:
         columns = _probe_columns(files[0], spec.encode, tokenizer, cfg)
         parts = [(p, _encode_file(p, spec, cfg, tokenizer, work, columns)) for p in files]
-        datasets.disable_progress_bars()
-        shown, reasons, n_bad, n_no_loss = _collect_errors(parts)
-        n_all = sum(len(ds) for _, ds in parts)
-        if n_bad and not cfg.skip_bad_records:
-            more = f"\n... and {n_bad - len(shown)} more" if n_bad > len(shown) else ""
-            raise UserError(f"{n_bad} of {n_all} records are malformed (set skip_bad_records true to skip them):\n"
-                            + "\n".join(shown) + more)
-        merged = datasets.concatenate_datasets([ds for _, ds in parts])
-        if n_bad or n_no_loss:
-            merged = merged.filter(lambda e: e == "", input_columns="_error")
-        if len(merged) == 0:
-            raise UserError(f"no usable record in {', '.join(map(str, files))}")
-        merged = merged.remove_columns(["_error", "_line"])
-        save_to_cache(merged, work / "final")
-        saved = datasets.load_from_disk(str(work / "final"))  # only the kept rows, memory-mapped
-        tokens = sum(pc.sum(pc.list_value_length(saved.data.column(c))).as_py() or 0
-                     for c in saved.column_names if c.endswith("input_ids"))
-        report = DataReport(records=len(merged), skipped=n_bad, reasons=dict(reasons), too_long=n_no_loss,
-                            tokens=int(tokens))
-        (work / "final" / "data_report.json").write_text(json.dumps(report.__dict__, indent=1))
-        try:
-            os.rename(work / "final", target)
-        except OSError:
-            if not (target / "data_report.json").is_file():  # not a concurrent writer that got there first
-                raise
-        return report
+        with datasets_progress(False):
+            return _finish_dataset(parts, cfg, files, work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _finish_dataset(parts: list[tuple[Path, datasets.Dataset]], cfg, files: list[Path], work: Path,
+                    target: Path) -> DataReport:
+    """Report or drop the bad records, save the rest, and move the result into place."""
+    shown, reasons, n_bad, n_no_loss = _collect_errors(parts)
+    n_all = sum(len(ds) for _, ds in parts)
+    if n_bad and not cfg.skip_bad_records:
+        more = f"\n... and {n_bad - len(shown)} more" if n_bad > len(shown) else ""
+        raise UserError(f"{n_bad} of {n_all} records are malformed (set skip_bad_records true to skip them):\n"
+                        + "\n".join(shown) + more)
+    merged = datasets.concatenate_datasets([ds for _, ds in parts])
+    if n_bad or n_no_loss:
+        merged = merged.filter(lambda e: e == "", input_columns="_error")
+    if len(merged) == 0:
+        raise UserError(f"no usable record in {', '.join(map(str, files))}")
+    merged = merged.remove_columns(["_error", "_line"])
+    save_to_cache(merged, work / "final")
+    saved = datasets.load_from_disk(str(work / "final"))  # only the kept rows, memory-mapped
+    tokens = sum(pc.sum(pc.list_value_length(saved.data.column(c))).as_py() or 0
+                 for c in saved.column_names if c.endswith("input_ids"))
+    report = DataReport(records=len(merged), skipped=n_bad, reasons=dict(reasons), too_long=n_no_loss,
+                        tokens=int(tokens))
+    (work / "final" / "data_report.json").write_text(json.dumps(report.__dict__, indent=1))
+    try:
+        os.rename(work / "final", target)
+    except OSError:
+        if not (target / "data_report.json").is_file():  # not a concurrent writer that got there first
+            raise
+    return report
 
 
 def _wait_for(target: Path, failed: Path, poll: float = 1.0) -> None:
@@ -364,6 +384,7 @@ def pad_collate(rows: list[dict[str, Any]], pad_id: int, length: Optional[int] =
     Packed rows (with position_ids) get position_ids padded with 0 and no attention_mask:
     transformers builds the per-sample causal mask from restarting position ids only when no mask
     is given. Each padding token then counts as a sample of its own, so it is never attended to.
+    They also carry their sample boundaries for varlen (flash) attention; see attention.py.
     """
     longest = max([len(r["input_ids"]) for r in rows] + [length or 0])
     packed = "position_ids" in rows[0]
@@ -376,13 +397,25 @@ def pad_collate(rows: list[dict[str, Any]], pad_id: int, length: Optional[int] =
         labels[i, :n] = torch.as_tensor(r["labels"])
         extra[i, :n] = torch.as_tensor(r["position_ids"]) if packed else 1
     # `_tokens` (bookkeeping, not a model input): the real tokens, for throughput and MFU.
-    return {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra,
-            "_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
+    batch = {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra,
+             "_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
+    if packed:
+        batch.update(varlen_boundaries(extra, [len(r["input_ids"]) for r in rows]))
+    return batch
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors moved to `device`; other values (the varlen maximum lengths) as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def padded_length(cfg) -> Optional[int]:
-    """The fixed row length of `pad_to max_seq_len` (MiniMind's batches), else None: the batch's longest."""
-    return cfg.max_seq_len if getattr(cfg, "pad_to", "longest") == "max_seq_len" else None
+    """The fixed row length of `pad_to max_seq_len` (MiniMind's batches), else None: the batch's longest.
+    Packed rows under `compile` are padded to max_seq_len too: they are nearly full anyway, and one
+    shape for every step means the graph compiles once."""
+    if getattr(cfg, "pad_to", "longest") == "max_seq_len" or (getattr(cfg, "compile", False) and getattr(cfg, "packing", False)):
+        return cfg.max_seq_len
+    return None
 
 
 class IndexedRows(torch.utils.data.Dataset):

@@ -19,12 +19,13 @@ from types import SimpleNamespace
 import torch
 from tqdm.auto import tqdm
 
+from .attention import resolve_attention
 from .chunked_loss import enable_loss_forward
 from .checkpoint import TrainState, find_resume_checkpoint, read_state, removed_on_write_failure, save_checkpoint
 from .config import save_config
-from .data import batches_per_epoch, make_loader, prepare_dataset, row_lengths
+from .data import batches_per_epoch, make_loader, prepare_dataset, row_lengths, to_device
 from .distributed import (LaunchEnv, check_launcher, check_tracker, load_deepspeed_config, make_accelerator,
-                          whole_model_construction)
+                          resolve_precision, whole_model_construction)
 from .errors import NonFiniteLoss, UserError
 from .faults import NAN_AT_STEP, STEP_DELAY, StopRequest
 from .flops import device_peak_flops, train_flops_per_token
@@ -92,10 +93,6 @@ def peak_memory_mb(accelerator) -> float:
     return float(accelerator.reduce(t, reduction="max")) if accelerator.num_processes > 1 else mine
 
 
-def move(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window: list[dict],
                           inject_nan: bool = False) -> dict:
     """Forward/backward every micro-batch of one optimizer step; returns the step's global sums."""
@@ -109,7 +106,7 @@ def optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window:
     accelerator.step = cfg.accumulation_steps - len(window)
     loss_sum, metric_sums = 0.0, {}
     for batch in window:
-        batch = move(batch, accelerator.device)
+        batch = to_device(batch, accelerator.device)
         with accelerator.accumulate(model):
             out = spec.loss(model, batch, cfg, ctx)
             if inject_nan:
@@ -145,6 +142,7 @@ def train(spec, cfg) -> Path:
     # Everything a typo could break is checked before the (possibly long) tokenisation.
     check_model_source(cfg.model, cfg.hidden_size, cfg.num_hidden_layers)
     check_tracker(cfg.report_to)
+    attention = resolve_attention(cfg.attn_implementation, resolve_precision(cfg.dtype))
     if cfg.deepspeed:
         load_deepspeed_config(cfg.deepspeed)
         if cfg.nan_policy == "skip_step":
@@ -166,8 +164,10 @@ def train(spec, cfg) -> Path:
 
     set_seed(cfg.seed)
     ctx = SimpleNamespace(tokenizer=tokenizer, accelerator=accelerator, out_dir=out_dir, dataset=dataset)
+    precision = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32"
     with whole_model_construction(accelerator):
         model = build_model(cfg.model, tokenizer, cfg.hidden_size, cfg.num_hidden_layers)
+        model.set_attn_implementation(attention)
         if spec.setup is not None:
             model = spec.setup(model, cfg, ctx)
     if cfg.cross_entropy != "full":  # before prepare: Accelerate's autocast wraps the forward it finds
@@ -205,14 +205,13 @@ def train(spec, cfg) -> Path:
         accelerator.init_trackers(out_dir.name, config=flat)
     metrics_log = MetricsLog(out_dir, accelerator, state.step)
 
-    precision = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32"
     peak_flops = device_peak_flops(precision, cfg.peak_tflops)
     model_config = getattr(accelerator.unwrap_model(model), "config", None)
     flops_per_token = (lambda row_length: train_flops_per_token(model_config, row_length, n_trainable / n_params)) \
         if model_config is not None else (lambda row_length: 0.0)
     say(f"[{spec.name}] model {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable) | "
         f"data {report.summary()} | {total_steps} steps of {cfg.batch_size}x{cfg.accumulation_steps}x{world} rows | "
-        f"{precision} | {accelerator.distributed_type.name.lower()} x{world} on {accelerator.device}")
+        f"{precision}, {attention} attention | {accelerator.distributed_type.name.lower()} x{world} on {accelerator.device}")
 
     collate = lambda rows: spec.collate(rows, tokenizer, cfg)  # noqa: E731
     lengths = row_lengths(dataset) if cfg.group_by_length else None

@@ -74,7 +74,7 @@ def _batches(dataset, batch_size: int):
 def evaluate_rows(model, dataset, pad_id: int, batch_size: int, show_progress: bool = True) -> tuple[float, int, int]:
     """(summed cross-entropy, loss-bearing tokens, records) of `dataset`'s rows, in order; a packed
     row counts each record it holds."""
-    from .data import pad_collate
+    from .data import pad_collate, to_device
     from .losses import count_label_tokens, forward_logits, token_cross_entropy_sum
 
     device = next(model.parameters()).device
@@ -82,7 +82,7 @@ def evaluate_rows(model, dataset, pad_id: int, batch_size: int, show_progress: b
     loss_sum, tokens, records = 0.0, 0, 0
     bar = tqdm(total=len(dataset), desc="eval", unit="rec", file=sys.stderr, disable=not show_progress)
     for rows in _batches(dataset, batch_size):
-        batch = {k: v.to(device) for k, v in pad_collate(rows, pad_id).items()}
+        batch = to_device(pad_collate(rows, pad_id), device)
         logits = forward_logits(model, batch).logits
         # Summed in float64 on the host: thousands of fp32 partial sums would drift.
         loss_sum += token_cross_entropy_sum(logits, batch["labels"]).double().item()

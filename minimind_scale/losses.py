@@ -45,17 +45,27 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return picked * mask, mask
 
 
-def forward_kwargs(batch: dict) -> dict:
-    """The model inputs of a batch; `use_cache=False` also keeps packed samples from attending to each other."""
+# Sample boundaries of packed rows, for varlen attention kernels (see attention.py).
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# Kernels that keep packed samples apart with the mask transformers derives from position ids.
+MASK_BASED_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+def forward_kwargs(batch: dict, model=None) -> dict:
+    """The model inputs of a batch; `use_cache=False` also keeps packed samples from attending to each other.
+    A packed batch's sample boundaries go to every attention kernel that is not mask-based."""
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
+        config = unwrap_config(model) if model is not None else None
+        if getattr(config, "_attn_implementation", None) not in MASK_BASED_ATTENTION:
+            kwargs.update({k: batch[k] for k in VARLEN_KEYS if k in batch})
     return kwargs
 
 
 def forward_logits(model, batch: dict):
     """One forward pass."""
-    return model(**forward_kwargs(batch))
+    return model(**forward_kwargs(batch, model))
 
 
 def forward_loss_sum(model, batch: dict, cfg):
@@ -63,7 +73,7 @@ def forward_loss_sum(model, batch: dict, cfg):
     or liger): `out.loss` is the fp32 next-token loss sum, and no logits exist. Called through `model`,
     the Accelerate wrapper, so its hooks (DDP, DeepSpeed) run. `max_tokens` bounds every micro-batch's
     positions, so that all ranks split theirs into the same number of chunks."""
-    out = model(**forward_kwargs(batch), labels=batch["labels"], loss_sum_only=True,
+    out = model(**forward_kwargs(batch, model), labels=batch["labels"], loss_sum_only=True,
                 max_tokens=cfg.batch_size * cfg.max_seq_len)
     if out.logits is not None:
         # The plain forward ran (with a mean loss): nothing bound the loss-only variant.

@@ -25,7 +25,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from .data import IGNORE_INDEX, row_lengths, save_to_cache
+from .data import IGNORE_INDEX, datasets_progress, row_lengths, save_to_cache
 
 PACKED_COLUMNS = ("input_ids", "labels", "position_ids")
 REPORT_FILE = "packing_report.json"
@@ -243,10 +243,11 @@ def _build_packed(spec, cfg, unpacked_dir: Path, target: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        datasets.disable_progress_bars()
         source = datasets.load_from_disk(str(unpacked_dir))
-        packed, report = pack_dataset(source, cfg.max_seq_len, cfg.num_proc, cache_file=str(work / "rows.arrow"))
-        save_to_cache(packed, work / "final")
+        with datasets_progress(True):
+            packed, report = pack_dataset(source, cfg.max_seq_len, cfg.num_proc, cache_file=str(work / "rows.arrow"))
+        with datasets_progress(False):
+            save_to_cache(packed, work / "final")
         (work / "final" / REPORT_FILE).write_text(json.dumps(report.__dict__, indent=1))
         try:
             os.rename(work / "final", target)
@@ -255,4 +256,3 @@ def _build_packed(spec, cfg, unpacked_dir: Path, target: Path) -> None:
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        datasets.enable_progress_bars()

@@ -11,7 +11,7 @@ import torch
 from conftest import DEMO, read_metrics, run_cli
 from minimind_scale.data import pad_collate, prepare_dataset
 from minimind_scale.errors import UserError
-from minimind_scale.losses import count_label_tokens, forward_logits, shifted_labels
+from minimind_scale.losses import VARLEN_KEYS, count_label_tokens, forward_logits, shifted_labels
 from minimind_scale.packing import best_fit_decreasing, pack_dataset
 from minimind_scale.registry import discover, get_stage
 
@@ -82,13 +82,47 @@ def test_packed_columns_restart_positions_and_mask_each_later_first_label():
         pack_dataset(ds.add_column("other", [1, 2, 3, 4]), max_seq_len=5)
 
 
-def test_collate_carries_position_ids_and_no_mask_for_packed_rows():
+def test_collate_carries_position_ids_boundaries_and_no_mask_for_packed_rows():
     batch = pad_collate([{"input_ids": [5, 6, 7], "labels": [5, -100, 7], "position_ids": [0, 0, 1]},
                          {"input_ids": [8], "labels": [8], "position_ids": [0]}], pad_id=0)
-    assert set(batch) == {"input_ids", "labels", "position_ids", "_tokens"}  # no attention_mask
+    assert set(batch) == {"input_ids", "labels", "position_ids", "_tokens", *VARLEN_KEYS}  # no attention_mask
     assert batch["_tokens"] == 4
     assert batch["position_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
     assert batch["labels"].tolist() == [[5, -100, 7], [8, -100, -100]]
+    # Flattened: samples [5] [6 7] | [8], then the second row's padding tail as one segment.
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 1, 3, 4, 6]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 2
+    assert set(pad_collate([{"input_ids": [5], "labels": [5]}], pad_id=0)) == {"input_ids", "labels", "attention_mask", "_tokens"}
+
+
+def varlen_reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                               cu_seq_lens_q=None, **kwargs):
+    """Causal attention within the segments `cu_seq_lens_q` marks on the flattened batch, and nowhere else:
+    the contract flash-attention's varlen kernels follow. Plain softmax(QK^T)V, so it shares no code with
+    SDPA; it ignores the mask and the position ids, so only the boundaries can keep samples apart."""
+    rows, heads, width, dim = query.shape
+    key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    q, k, v = (t.transpose(0, 1).reshape(heads, rows * width, dim) for t in (query, key, value))
+    # Without boundaries (an unpacked batch with no padding) each row is one sequence.
+    bounds = cu_seq_lens_q.tolist() if cu_seq_lens_q is not None else list(range(0, rows * width + 1, width))
+    out = torch.zeros_like(q)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        scores = q[:, start:end] @ k[:, start:end].transpose(1, 2) * (scaling or dim ** -0.5)
+        causal = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        out[:, start:end] = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v[:, start:end]
+    return out.reshape(heads, rows, width, dim).permute(1, 2, 0, 3), None
+
+
+@pytest.fixture(scope="module")
+def varlen_reference():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register("varlen_reference", varlen_reference_attention)
+    AttentionMaskInterface.register("varlen_reference", lambda *args, **kwargs: None)  # no mask: boundaries only
+    return "varlen_reference"
 
 
 # --------------------------------------------------------------------------- inside the model
@@ -122,8 +156,8 @@ def ce_sum_fp64(logits, labels) -> float:
                                                    shifted_labels(labels).reshape(-1), ignore_index=-100, reduction="sum"))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_rows_are_isolated_and_the_loss_is_unchanged(tiny, attn):
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen_reference"])
+def test_packed_rows_are_isolated_and_the_loss_is_unchanged(tiny, attn, varlen_reference):
     model, tok = tiny
     model.set_attn_implementation(attn)
     assert model.config._attn_implementation == attn
@@ -168,6 +202,26 @@ def test_without_position_ids_the_rows_would_leak(tiny):
     with torch.no_grad():
         good = forward_logits(model, batch).logits
         bad = forward_logits(model, {"input_ids": batch["input_ids"]}).logits
+    assert (good - bad).abs().max() > 1e-3
+
+
+def test_without_boundaries_a_varlen_kernel_would_leak(tiny, varlen_reference):
+    """What transformers' flash path does with several packed rows and no boundaries (each row one causal
+    sequence) differs from the isolated result, so the varlen case above can fail."""
+    model, tok = tiny
+    samples = _samples(tok, 4)
+    ds = datasets.Dataset.from_dict({k: [s[k] for s in samples] for k in ("input_ids", "labels")})
+    packed, _ = pack_dataset(ds, max_seq_len=max(len(s["input_ids"]) for s in samples) + 40)
+    batch = pad_collate([packed[i] for i in range(len(packed))], tok.pad_token_id)
+    rows, width = batch["input_ids"].shape
+    whole_rows = torch.arange(0, rows * width + 1, width, dtype=torch.int32)
+    model.set_attn_implementation(varlen_reference)
+    try:
+        with torch.no_grad():
+            good = forward_logits(model, batch).logits
+            bad = forward_logits(model, {**batch, "cu_seq_lens_q": whole_rows, "cu_seq_lens_k": whole_rows}).logits
+    finally:
+        model.set_attn_implementation("sdpa")
     assert (good - bad).abs().max() > 1e-3
 
 

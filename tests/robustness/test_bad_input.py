@@ -196,6 +196,12 @@ def _(tmp):
     return train("pretrain", tmp, [data], "--deepspeed", str(tmp / "zero9.json"))
 
 
+@run("flash_attention_without_gpu", cost=2)
+def _(tmp):
+    data = write_jsonl(tmp / "data.jsonl", GOOD_TEXT)
+    return train("pretrain", tmp, [data], "--attn_implementation", "flash_attention_2")
+
+
 @run("skip_bad_records", cost=3)
 def _(tmp):
     data = write_jsonl(tmp / "data.jsonl", [*GOOD_TEXT[:3], '{"text": broken', *GOOD_TEXT[3:]])
@@ -289,6 +295,7 @@ CHECKS: dict[str, Check] = {
     "model_neither_preset_nor_directory": Check("model_unknown", lines=on_line("tinyy", "preset")),
     "resume_not_a_checkpoint": Check("resume_not_a_checkpoint", lines=on_line("resume", "{tmp}/ckpt")),
     "deepspeed_config_missing": Check("deepspeed_config_missing", ("{tmp}/zero9.json",)),
+    "flash_attention_without_gpu": Check("flash_attention_without_gpu", lines=on_line("flash_attention_2", "CUDA")),
     # skipping
     "skip_bad_records_completes": Check("skip_bad_records", rc=0, extra=check_skipped_run),
 }
