@@ -1,6 +1,6 @@
 """SFT throughput with packed vs padded rows, at the same batch of rows per step.
 
-    python benchmarks/sft_throughput.py [--steps 12] [--num_hidden_layers 2] [--threads N]
+    python benchmarks/sft_throughput.py [--steps 30] [--num_hidden_layers 2] [--threads 2]
         [--out benchmarks/results/sft_throughput.json]
 
 Runs the real `sft` command once per row layout on ../shared/data/sft_zh_alpaca_demo.jsonl with
@@ -104,10 +104,10 @@ def _portable(value) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--num_hidden_layers", type=int, default=2, help="8 is minimind2-small's own depth")
     ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the training runs")
+    ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the training runs")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--data", type=Path, default=SHARED / "data" / "sft_zh_alpaca_demo.jsonl")
     ap.add_argument("--tokenizer", type=Path, default=SHARED / "tokenizers" / "minimind")

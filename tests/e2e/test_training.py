@@ -23,7 +23,7 @@ def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out_dir / "final" / "model.safetensors"))
 
 
-def assert_same_run(a: Path, b: Path, tol: float = 1e-5) -> None:
+def assert_same_run(a: Path, b: Path, tol: float = 1e-5, weight_tol: float = 1e-5) -> None:
     la = [r["loss"] for r in read_metrics(a)]
     lb = [r["loss"] for r in read_metrics(b)]
     assert len(la) == len(lb)
@@ -32,7 +32,7 @@ def assert_same_run(a: Path, b: Path, tol: float = 1e-5) -> None:
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=tol, rtol=0), f"{k}: max diff {(wa[k] - wb[k]).abs().max()}"
+        assert torch.allclose(wa[k], wb[k], atol=weight_tol, rtol=0), f"{k}: max diff {(wa[k] - wb[k]).abs().max()}"
 
 
 def test_loss_normalisation_independent_of_accumulation_and_processes(tmp_path, data_cache, varied_sft):
@@ -44,8 +44,13 @@ def test_loss_normalisation_independent_of_accumulation_and_processes(tmp_path, 
     run_cli([*common, "--out_dir", str(tmp_path / "c"), "--batch_size", "2", "--accumulation_steps", "2"], data_cache,
             nproc=2)
     assert read_metrics(tmp_path / "c")[0]["world_size"] == 2
-    assert_same_run(tmp_path / "a", tmp_path / "b")
-    assert_same_run(tmp_path / "a", tmp_path / "c")
+    # Different batch splits sum the same gradients in a different order. Adam divides each update by
+    # sqrt(v), so for a weight whose gradient is nearly zero that rounding noise becomes a visible share
+    # of its update (measured: up to 1.7e-5 after 4 steps at lr 3e-3, against 1e-7 on the losses). The
+    # weights are compared at 1e-4, a thirtieth of one step's size; the losses stay at 1e-5, and a
+    # mean of per-batch means misses them by 4e-3 at step 2.
+    assert_same_run(tmp_path / "a", tmp_path / "b", weight_tol=1e-4)
+    assert_same_run(tmp_path / "a", tmp_path / "c", weight_tol=1e-4)
     # Every step's tokens are counted over all micro-batches and both ranks.
     assert [r["tokens"] for r in read_metrics(tmp_path / "a")] == [r["tokens"] for r in read_metrics(tmp_path / "c")]
     # Throughput counts every real token (prompts too), and a known peak gives model FLOPs utilisation.
