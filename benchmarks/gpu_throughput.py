@@ -102,6 +102,15 @@ def summarise(name: str, options: dict, metrics: list[dict], warmup: int) -> dic
     }
 
 
+def _portable(value):
+    """Settings as written to the results file: paths relative to the repository, not this machine."""
+    if isinstance(value, Path):
+        return os.path.relpath(value.resolve(), REPO)
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="minimind3")
@@ -149,9 +158,7 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     for name, reason in skipped.items():
         print(f"| {name} | skipped: {reason} |")
-    settings = {k: (os.path.relpath(v.resolve(), REPO) if isinstance(v, Path) else
-                    [os.path.relpath(p.resolve(), REPO) for p in v] if isinstance(v, list) and v and isinstance(v[0], Path)
-                    else v) for k, v in vars(args).items()}
+    settings = {k: _portable(v) for k, v in vars(args).items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {**settings, "device": device}, "results": results,
                                     "skipped": skipped}, indent=1))

@@ -18,7 +18,6 @@ import torch
 
 from .errors import UserError
 
-CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
 # The kernel each flash variant needs, as (import name, pip name).
 _FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
                    "flash_attention_3": ("flash_attn_interface", "flash-attn-3 (flash_attn_interface)")}

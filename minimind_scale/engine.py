@@ -164,7 +164,6 @@ def train(spec, cfg) -> Path:
 
     set_seed(cfg.seed)
     ctx = SimpleNamespace(tokenizer=tokenizer, accelerator=accelerator, out_dir=out_dir, dataset=dataset)
-    precision = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32"
     with whole_model_construction(accelerator):
         model = build_model(cfg.model, tokenizer, cfg.hidden_size, cfg.num_hidden_layers)
         model.set_attn_implementation(attention)
@@ -205,6 +204,7 @@ def train(spec, cfg) -> Path:
         accelerator.init_trackers(out_dir.name, config=flat)
     metrics_log = MetricsLog(out_dir, accelerator, state.step)
 
+    precision = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32"
     peak_flops = device_peak_flops(precision, cfg.peak_tflops)
     model_config = getattr(accelerator.unwrap_model(model), "config", None)
     flops_per_token = (lambda row_length: train_flops_per_token(model_config, row_length, n_trainable / n_params)) \
