@@ -75,7 +75,8 @@ def all_fast_options(cuda: bool) -> dict:
 
 def run_pretrain(name: str, options: dict, args, work: Path) -> list[dict]:
     out = work / name.replace(" ", "_")
-    cmd = [sys.executable, "-m", "minimind_scale", "pretrain", "--model", args.model, "--tokenizer", str(args.tokenizer),
+    cmd = [sys.executable, "-m", "minimind_scale", "pretrain", "--model", args.model,
+           "--tokenizer", str(args.tokenizer),
            "--data_path", *map(str, args.data), "--max_seq_len", str(args.max_seq_len), "--batch_size",
            str(args.batch_size), "--accumulation_steps", "1", "--max_steps", str(args.steps), "--log_interval", "1",
            "--save_interval", "0", "--resume", "never", "--packing", "true", "--dtype", args.dtype,

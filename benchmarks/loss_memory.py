@@ -8,7 +8,8 @@ that of the first step: allocated CUDA memory on a GPU, else resident memory (Vm
 /proc/self/clear_refs before the step) minus the resident memory just before it. On a CPU the children
 run with a fixed glibc mmap threshold, so every tensor is its own mapping and freed memory leaves the
 resident set at once: with glibc's default, heap reuse made the same step's peak vary by ~200 MB between
-runs. Time is the fastest of `--steps` further steps (the machine may be shared). The tokenizer is ../shared/tokenizers/minimind (vocabulary 6400) when present.
+runs. Time is the fastest of `--steps` further steps (the machine may be shared). The tokenizer is
+../shared/tokenizers/minimind (vocabulary 6400) when present.
 Prints a Markdown table and writes JSON.
 """
 from __future__ import annotations
@@ -97,7 +98,8 @@ def main() -> None:
     ap.add_argument("--model", default="minimind2-small")
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--seq_len", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=2, help="timed steps after the measured first one (the fastest is kept)")
+    ap.add_argument("--steps", type=int, default=2,
+                    help="timed steps after the measured first one (the fastest is kept)")
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process's job
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "loss_memory.json"))
     args = ap.parse_args()
@@ -115,9 +117,11 @@ def main() -> None:
     logits_mb = args.batch_size * args.seq_len * r0["vocab"] * 4 / 2**20
     print(f"\n{args.model}, batch {args.batch_size}x{args.seq_len}, vocab {r0['vocab']}, fp32, {r0['device']} "
           f"({r0['threads']} threads); one [tokens x vocab] fp32 logits tensor is {logits_mb:.0f} MB\n")
-    print("| cross_entropy | peak memory (MB) | step peak above start (MB) | s/step | loss sum |\n|---|---|---|---|---|")
+    print("| cross_entropy | peak memory (MB) | step peak above start (MB) | s/step | loss sum |\n"
+          "|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['variant']} | {r['peak_mb']:.0f} | {r['step_peak_mb']:.0f} | {r['sec_per_step']:.2f} | {r['loss_sum']:.2f} |")
+        print(f"| {r['variant']} | {r['peak_mb']:.0f} | {r['step_peak_mb']:.0f} | {r['sec_per_step']:.2f} "
+              f"| {r['loss_sum']:.2f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
                                           "logits_fp32_mb": logits_mb, "results": results}, indent=1) + "\n")

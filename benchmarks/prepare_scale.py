@@ -60,11 +60,13 @@ simple careful quickly slowly together important different possible general loca
 common natural social economic political human modern single final major central clear strong free full true
 describe explain consider provide develop include continue follow create remain offer build report design measure
 """.split()
-ZH_CHARS = ("的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行"
-            "学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还因由其些然前外"
-            "天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情"
-            "者最立代想已通并提直题党程展五果料象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计别她手角"
-            "期根论运农指几九区强放决西被干做必战先回则任取据处理府研质记海江河湖春夏秋冬风雨雪花草树木鸟鱼书读写语言音乐画")
+ZH_CHARS = (
+    "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行"
+    "学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还因由其些然前外"
+    "天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第向道命此变条只没结解问意建月公无系军很情"
+    "者最立代想已通并提直题党程展五果料象员革位入常文总次品式活设及管特件长求老头基资边流路级少图山统接知较将组见计别她手角"
+    "期根论运农指几九区强放决西被干做必战先回则任取据处理府研质记海江河湖春夏秋冬风雨雪花草树木鸟鱼书读写语言音乐画"
+)
 ZH_PUNCT = ["，", "，", "，", "、", "；"]
 EN_PUNCT = [".", ".", ".", ".", "?", "!", ";"]
 
@@ -114,7 +116,8 @@ class TextPool:
         self.en_mean = float(np.mean([len(s) for s in self.en])) + 1
         self.zh_mean = float(np.mean([len(s) for s in self.zh]))
 
-    def texts(self, rng: np.random.Generator, n: int, median_chars: float = 1100, lo: int = 200, hi: int = 6000) -> list[str]:
+    def texts(self, rng: np.random.Generator, n: int, median_chars: float = 1100, lo: int = 200,
+              hi: int = 6000) -> list[str]:
         """`n` texts: ~70% English, ~15% Chinese, ~15% mixed, lengths log-normal around `median_chars`."""
         target = np.clip(rng.lognormal(np.log(median_chars), 0.7, n), lo, hi)
         kind = rng.choice(3, size=n, p=[0.7, 0.15, 0.15])
@@ -213,7 +216,8 @@ class TreeMemory(threading.Thread):
         self.peak_sum_rss = self.peak_max_rss = self.peak_sum_pss = self.peak_sum_anon = 0
         self.peak_procs = 0
         self.samples = 0
-        self.trace: list[tuple[float, int, int, int, int]] = []  # (s, summed RSS, summed anon, summed PSS, largest RSS) kB
+        # (s, summed RSS, summed anon, summed PSS, largest RSS) kB
+        self.trace: list[tuple[float, int, int, int, int]] = []
         self.t0 = time.time()
         self._done = threading.Event()
 
@@ -354,14 +358,16 @@ def main() -> None:
         t = time.time()
         info = generate_corpus(corpus, int(args.size_gb * GIB), args.stage, args.seed)
         info["generate_s"] = round(time.time() - t, 1)
-        print(f"corpus: {info['lines']:,} lines, {info['bytes'] / GIB:.2f} GiB in {info['generate_s']} s", file=sys.stderr)
+        print(f"corpus: {info['lines']:,} lines, {info['bytes'] / GIB:.2f} GiB in {info['generate_s']} s",
+              file=sys.stderr)
 
         env = dict(os.environ, MINIMIND_SCALE_CACHE=str(cache), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false")
         common = ["--data_path", str(corpus), "--max_seq_len", str(args.max_seq_len)]
         if args.tokenizer:
             common += ["--tokenizer", os.path.relpath(args.tokenizer, REPO)]  # the commands run in the repository root
-        prep_cmd = [sys.executable, "-m", "minimind_scale", "prepare", args.stage, *common, "--num_proc", str(args.num_proc)]
+        prep_cmd = [sys.executable, "-m", "minimind_scale", "prepare", args.stage, *common,
+                    "--num_proc", str(args.num_proc)]
         print("$ " + " ".join(prep_cmd), file=sys.stderr)
         prep = run_measured(prep_cmd, env, work / "prepare.log", echo=not args.quiet)
         if prep["rc"] != 0:
@@ -398,7 +404,8 @@ def main() -> None:
                     output=[s.replace(str(work) + "/", "") for _, s in prep_lines if not re.search(r"\d+%\|", s)])
         ready = hit["first_step_s"] or hit["wall_s"]
         hit_phases = {"start_to_cache_found": _when(hit_lines, "using cached tokenised data"),
-                      "load_packed": _when(hit_lines, "packed "), "build_model": _when(hit_lines, f"[{args.stage}] model"),
+                      "load_packed": _when(hit_lines, "packed "),
+                      "build_model": _when(hit_lines, f"[{args.stage}] model"),
                       "first_step": hit["first_step_s"], "exit": hit["wall_s"]}
         hit_mem = hit.pop("mem")
         hit.update(records_per_s=round(records / ready, 1), tokens_per_s=round(tokens / ready, 1),
@@ -410,8 +417,10 @@ def main() -> None:
             "settings": {"stage": args.stage, "size_gb": args.size_gb, "num_proc": args.num_proc,
                          "max_seq_len": args.max_seq_len, "seed": args.seed, "cpu_count": os.cpu_count(),
                          "tokenizer": os.path.relpath(args.tokenizer, REPO) if args.tokenizer else "packaged default",
-                         "prepare_cmd": "python -m minimind_scale prepare " + " ".join(prep_cmd[4:]).replace(str(work) + "/", ""),
-                         "train_cmd": "python -m minimind_scale " + " ".join(train_cmd[3:]).replace(str(work) + "/", "")},
+                         "prepare_cmd": "python -m minimind_scale prepare "
+                                        + " ".join(prep_cmd[4:]).replace(str(work) + "/", ""),
+                         "train_cmd": "python -m minimind_scale "
+                                      + " ".join(train_cmd[3:]).replace(str(work) + "/", "")},
             "corpus": info,
             "data_report": data_report,
             "packing_report": pack_report,
@@ -426,10 +435,11 @@ def main() -> None:
               f"num_proc {args.num_proc}, {os.cpu_count()} CPUs\n")
         print("| run | wall s | records/s | tokens/s | peak RSS summed MB | peak RSS largest process MB |")
         print("|---|---:|---:|---:|---:|---:|")
-        print(f"| prepare (first run) | {prep['wall_s']:.1f} | {prep['records_per_s']:,.0f} | {prep['tokens_per_s']:,.0f} | "
-              f"{prep['peak_rss_sum_mb']:,.0f} | {prep['peak_rss_max_process_mb']:,.0f} |")
-        print(f"| {args.stage} cache hit → first step logged | {ready:.1f} | {hit['records_per_s']:,.0f} | {hit['tokens_per_s']:,.0f} | "
-              f"{hit['peak_rss_sum_mb']:,.0f} | {hit['peak_rss_max_process_mb']:,.0f} |")
+        print(f"| prepare (first run) | {prep['wall_s']:.1f} | {prep['records_per_s']:,.0f} | "
+              f"{prep['tokens_per_s']:,.0f} | {prep['peak_rss_sum_mb']:,.0f} | "
+              f"{prep['peak_rss_max_process_mb']:,.0f} |")
+        print(f"| {args.stage} cache hit → first step logged | {ready:.1f} | {hit['records_per_s']:,.0f} | "
+              f"{hit['tokens_per_s']:,.0f} | {hit['peak_rss_sum_mb']:,.0f} | {hit['peak_rss_max_process_mb']:,.0f} |")
         print(f"\nchecks: {result['checks']}")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

@@ -55,9 +55,11 @@ def run_sft(name: str, args, work: Path) -> list[dict]:
 def replay_rows(name: str, args, work: Path) -> list[tuple[int, int]]:
     """(real tokens, padded slots) of every optimizer step of the run, from its own data order."""
     os.environ["MINIMIND_SCALE_CACHE"] = str(work / "cache")
-    from minimind_scale.data import make_loader, prepare_dataset, row_lengths
+    from minimind_scale.data import prepare_dataset
+    from minimind_scale.loader import make_loader
     from minimind_scale.models import load_tokenizer
     from minimind_scale.registry import discover, get_stage
+    from minimind_scale.rows import row_lengths
 
     discover()
     spec = get_stage("sft")
@@ -124,7 +126,8 @@ def main() -> None:
     packed = results[0]
     ratios = {r["rows"]: packed["loss_tokens_per_sec"] / r["loss_tokens_per_sec"] for r in results[1:]}
 
-    cols = ["rows", "sec_per_step", "loss_tokens_per_sec", "all_tokens_per_sec", "padding_share", "peak_mem_mb", "final_loss"]
+    cols = ["rows", "sec_per_step", "loss_tokens_per_sec", "all_tokens_per_sec", "padding_share", "peak_mem_mb",
+            "final_loss"]
     print(f"sft, minimind2-small shape x {args.num_hidden_layers} layers, batch {args.batch_size} rows x 512, fp32, "
           f"{args.steps} steps (first one not timed), OMP_NUM_THREADS={args.threads}\n")
     print("| " + " | ".join(cols) + " |")

@@ -25,8 +25,8 @@ def run(backend: str, ds_file: str | None, args, work: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "minimind_scale", "pretrain", "--model", args.model, "--data_path", str(args.data),
            "--out_dir", str(out), "--max_steps", str(args.steps), "--batch_size", str(args.batch_size),
-           "--accumulation_steps", "1", "--max_seq_len", str(args.max_seq_len), "--dtype", "fp32", "--log_interval", "1", "--save_interval", "0",
-           "--num_proc", "1", "--resume", "never"]
+           "--accumulation_steps", "1", "--max_seq_len", str(args.max_seq_len), "--dtype", "fp32",
+           "--log_interval", "1", "--save_interval", "0", "--num_proc", "1", "--resume", "never"]
     if args.hidden_size:
         cmd += ["--hidden_size", str(args.hidden_size)]
     if args.num_hidden_layers:
@@ -57,13 +57,14 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = [run(name, f, args, Path(tmp)) for name, f in BACKENDS.items()]
-    print(f"\n{args.model} (hidden {args.hidden_size or 'preset'}), 2 processes, batch {args.batch_size}x{args.max_seq_len} "
-          f"per process, fp32, {args.steps} steps\n")
+    print(f"\n{args.model} (hidden {args.hidden_size or 'preset'}), 2 processes, "
+          f"batch {args.batch_size}x{args.max_seq_len} per process, fp32, {args.steps} steps\n")
     print("| backend | peak memory per process (MB) | s/step |\n|---|---|---|")
     for r in results:
         print(f"| {r['backend']} | {r['peak_mem_mb']:.0f} | {r['sec_per_step']:.2f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "settings": {k: v for k, v in vars(args).items() if k != "out"},
+    Path(args.out).write_text(json.dumps({"model": args.model,
+                                          "settings": {k: v for k, v in vars(args).items() if k != "out"},
                                           "results": results}, indent=1))
 
 

@@ -8,13 +8,15 @@ Records: {"prompt": "...", "completion": "..."}. The README shows this file; tes
 from pydantic import Field
 
 from minimind_scale import StageSpec, TrainConfig, register_stage
-from minimind_scale.data import pad_collate
+from minimind_scale.batching import pad_collate
+from minimind_scale.config import LearningRate
 from minimind_scale.errors import RecordError
 from minimind_scale.losses import causal_lm_loss, count_label_tokens
+from minimind_scale.rows import IGNORE_INDEX
 
 
 class CompletionConfig(TrainConfig):
-    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    learning_rate: LearningRate = 1e-4  # a new default; the constraint and description stay TrainConfig's
     separator: str = Field("\n", description="text placed between prompt and completion")
 
 
@@ -25,7 +27,7 @@ def encode(record, tokenizer, cfg):
     prompt = [tokenizer.bos_token_id] + tokenizer(record["prompt"] + cfg.separator)["input_ids"]
     answer = tokenizer(record["completion"])["input_ids"] + [tokenizer.eos_token_id]
     ids = (prompt + answer)[: cfg.max_seq_len]
-    labels = ([-100] * len(prompt) + answer)[: cfg.max_seq_len]
+    labels = ([IGNORE_INDEX] * len(prompt) + answer)[: cfg.max_seq_len]
     return {"input_ids": ids, "labels": labels}
 
 
@@ -37,5 +39,6 @@ register_stage(StageSpec(
     collate=lambda rows, tokenizer, cfg: pad_collate(rows, tokenizer.pad_token_id),
     loss=causal_lm_loss,
     loss_units=count_label_tokens,
+    cross_entropy_variants=True,  # causal_lm_loss honours --cross_entropy chunked|liger
     data_fields=("separator",),  # changes the tokens, so it is part of the cache key
 ))

@@ -1,4 +1,4 @@
-"""Which attention kernel a run uses, and the sample boundaries packed rows give it.
+"""Which attention kernel a run uses.
 
 Packed rows must never attend across samples. Two mechanisms keep them apart, one per kind of kernel:
 - mask-based kernels (sdpa, eager): transformers builds a block-diagonal causal mask from position ids
@@ -6,13 +6,12 @@ Packed rows must never attend across samples. Two mechanisms keep them apart, on
 - varlen kernels (flash attention): they take no mask. transformers infers sample boundaries from
   position ids only for a batch of ONE row; with several rows it silently runs plain causal attention
   over the whole row. So the collator hands every packed batch its boundaries explicitly
-  (`varlen_boundaries`), as the cumulative sequence lengths of the flattened batch, which is what
+  (`batching.varlen_boundaries`), as the cumulative sequence lengths of the flattened batch, which is what
   transformers passes to flash-attn's varlen functions. Mask-based kernels ignore them.
 """
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
 
 import torch
 
@@ -23,7 +22,7 @@ _FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
                    "flash_attention_3": ("flash_attn_interface", "flash-attn-3 (flash_attn_interface)")}
 
 
-def resolve_attention(requested: str, precision: str, on_cuda: Optional[bool] = None) -> str:
+def resolve_attention(requested: str, precision: str, on_cuda: bool | None = None) -> str:
     """The attention implementation to run: `requested`, or for `auto` flash-attention 2 on CUDA in
     bf16/fp16 where flash-attn is installed, else SDPA. An explicit flash request that cannot run is
     the user's mistake (exit 2), never a silent fallback."""
@@ -42,23 +41,3 @@ def resolve_attention(requested: str, precision: str, on_cuda: Optional[bool] = 
         if importlib.util.find_spec(module) is None:
             raise UserError(f"attn_implementation {requested}: {package} is not installed; install it or use sdpa")
     return requested
-
-
-def varlen_boundaries(position_ids: torch.Tensor, lengths: list[int]) -> dict:
-    """Flash-attention varlen keyword arguments for a right-padded batch of packed rows.
-
-    `position_ids` [rows, width] restart at 0 at every sample; `lengths` are the rows' real lengths.
-    The batch is seen flattened to rows·width tokens: a sample starts at every row's start and wherever
-    a later real position is 0, and each row's padding tail is one segment of its own (nothing real
-    attends to it, and it bears no loss).
-    """
-    rows, width = position_ids.shape
-    starts = []
-    for r, n in enumerate(lengths):
-        later = (position_ids[r, 1:n] == 0).nonzero().flatten() + 1
-        starts.extend([r * width] + (later + r * width).tolist())
-        if 0 < n < width:
-            starts.append(r * width + n)
-    cu = torch.tensor(starts + [rows * width], dtype=torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

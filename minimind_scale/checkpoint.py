@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints: accelerate's save_state under a temporary name, then one rename.
+"""Atomic, resumable checkpoints: accelerate's save_state under a temporary name, then one rename (publish.py).
 
 A directory named ``step_N`` is complete by construction (the rename is the last act of a save), so
 ``resume auto`` can never pick a checkpoint whose writer died half-way.
@@ -11,9 +11,11 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+
+import torch
 
 from .errors import CheckpointWriteFailed, UserError
+from .publish import STAGING_PREFIX, fresh_dir, publish_once
 
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -45,12 +47,12 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def newest_checkpoint(out_dir: Path) -> Optional[Path]:
+def newest_checkpoint(out_dir: Path) -> Path | None:
     found = complete_checkpoints(out_dir)
     return found[-1] if found else None
 
 
-def find_resume_checkpoint(resume: str, out_dir: Path) -> Optional[Path]:
+def find_resume_checkpoint(resume: str, out_dir: Path) -> Path | None:
     if resume == "never":
         return None
     if resume == "auto":
@@ -66,43 +68,60 @@ def read_state(path: Path) -> TrainState:
 
 
 @contextlib.contextmanager
-def removed_on_write_failure(partial: Path, out_dir: Path):
-    """A failed write (full disk, quota, file-size limit) removes the partial copy, so the space comes
-    back and nothing half-written remains, then stops the run naming the checkpoint that is intact.
-    torch.save reports such failures as RuntimeError, safetensors as its own error type."""
+def write_failures_reported(out_dir: Path, what: Path):
+    """A failed write (full disk, quota, file-size limit) stops the run naming the checkpoint that is
+    intact; publish_once has already removed the partial copy, so the space comes back and nothing
+    half-written remains. torch.save reports such failures as RuntimeError, safetensors as its own type."""
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - any failure while writing leaves the same state behind
-        shutil.rmtree(partial, ignore_errors=True)
+    except Exception as e:
         intact = newest_checkpoint(out_dir)
         try:
             free = f"{shutil.disk_usage(out_dir).free / 2**20:.0f} MiB free on that disk"
         except OSError:
             free = "free space unknown"
         raise CheckpointWriteFailed(
-            f"could not write {partial} ({type(e).__name__}: {str(e).strip()[:200]}; {free}). The partial copy was "
+            f"could not write {what} ({type(e).__name__}: {str(e).strip()[:200]}; {free}). The partial copy was "
             "removed. " + (f"{intact} is intact: make room and run the same command again to resume from it."
                            if intact else "No earlier checkpoint exists.")) from None
 
 
-def save_checkpoint(accelerator, out_dir: Path, state: TrainState, keep: int) -> Path:
-    """Every rank writes its part into a temporary directory; the main process renames it last."""
-    final = checkpoints_dir(out_dir) / f"step_{state.step}"
-    tmp = checkpoints_dir(out_dir) / f".tmp-step_{state.step}"
+def stage_state_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"stage_state_{rank}.pt"
+
+
+def save_checkpoint(accelerator, out_dir: Path, state: TrainState, keep: int, stage_state=None) -> Path:
+    """Every rank writes its part (accelerate's state, the stage's own state) into one staging directory;
+    the main process writes the trainer state and publishes the directory last."""
+    target = checkpoints_dir(out_dir) / f"step_{state.step}"
+    staging = checkpoints_dir(out_dir) / f"{STAGING_PREFIX}{target.name}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        fresh_dir(staging)
     accelerator.wait_for_everyone()
-    with removed_on_write_failure(tmp, out_dir):
-        accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
+
+    def write_parts(path: Path) -> None:
+        accelerator.save_state(str(path), safe_serialization=True)
+        if stage_state is not None and stage_state.state_dict():
+            torch.save(stage_state.state_dict(), stage_state_file(path, accelerator.process_index))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (path / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+
+    with write_failures_reported(out_dir, staging):
+        publish_once(target, write_parts, is_complete=lambda t: (t / STATE_FILE).is_file(),
+                     builder=accelerator.is_main_process, staging=staging, replace=True, collective=True,
+                     waiters=False)
     if accelerator.is_main_process:
-        with removed_on_write_failure(tmp, out_dir):
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-        if final.exists():  # the same step saved by an earlier, resumed run
-            shutil.rmtree(final)
-        tmp.rename(final)
         for old in complete_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-    return final
+    return target
+
+
+def load_checkpoint(accelerator, checkpoint: Path, stage_state=None) -> TrainState:
+    """Restore what save_checkpoint wrote; returns the trainer state."""
+    accelerator.load_state(str(checkpoint))
+    saved = stage_state_file(checkpoint, accelerator.process_index)
+    if stage_state is not None and saved.is_file():
+        stage_state.load_state_dict(torch.load(saved, weights_only=False))
+    return read_state(checkpoint)

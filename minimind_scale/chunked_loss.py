@@ -19,7 +19,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .errors import UserError
-from .losses import IGNORE_INDEX, shifted_labels
+from .losses import shifted_labels
+from .rows import IGNORE_INDEX
 
 # Positions per chunk: its fp32 logits take 26 MB at MiniMind's 6400-token vocabulary (620 MB at Qwen's
 # 151k), while a 1024-row matmul still runs at full speed.
@@ -87,7 +88,8 @@ def router_aux_loss(lm, out, attention_mask) -> torch.Tensor | None:
     # Each transformers MoE family defines load_balancing_loss_func in its modeling module.
     balance = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)
     if balance is None:
-        raise UserError(f"cross_entropy chunked/liger: no router loss known for {type(lm).__name__}; use cross_entropy full")
+        raise UserError(f"cross_entropy chunked/liger: no router loss known for {type(lm).__name__}; "
+                        "use cross_entropy full")
     return balance(router_logits, lm.num_experts, lm.num_experts_per_tok, attention_mask)
 
 

@@ -9,21 +9,26 @@ import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Callable
 
 from . import registry
-from .config import build_config, describe_fields, did_you_mean, parse_flags
+from .config import build_config, describe_fields, did_you_mean, load_yaml, parse_flags
 from .errors import PeerLost, RunFailed, UserError
 
 # Tool commands: name -> (module, config class, run function, one-line help). Imported lazily.
 TOOLS: dict[str, tuple[str, str, str, str]] = {
-    "train-tokenizer": ("minimind_scale.tokenizer_train", "TrainTokenizerConfig", "run", "train a ByteLevel BPE tokenizer with the ChatML chat template"),
+    "train-tokenizer": ("minimind_scale.tokenizer_train", "TrainTokenizerConfig", "run",
+                        "train a ByteLevel BPE tokenizer with the ChatML chat template"),
     "chat": ("minimind_scale.generate", "ChatConfig", "run", "talk to a trained model (or one answer with --prompt)"),
-    "eval": ("minimind_scale.evaluate", "EvalConfig", "run", "loss, perplexity and token count of a model on a data set (JSON)"),
-    "demo": ("minimind_scale.demo", "DemoConfig", "run", "tokenizer -> pretrain -> SFT on the bundled demo data, then chat"),
-    "export": ("minimind_scale.export", "ExportConfig", "run", "a training checkpoint (plain or ZeRO, LoRA merged) -> a Hugging Face model directory"),
-    "import-minimind": ("minimind_scale.import_minimind", "ImportMinimindConfig", "run", "a MiniMind .pth state dict -> a Hugging Face model directory"),
-    "plot": ("minimind_scale.plot", "PlotConfig", "run", "loss / lr / tokens-per-second curves of one or more runs -> loss.png"),
+    "eval": ("minimind_scale.evaluate", "EvalConfig", "run",
+             "loss, perplexity and token count of a model on a data set (JSON)"),
+    "demo": ("minimind_scale.demo", "DemoConfig", "run",
+             "tokenizer -> pretrain -> SFT on the bundled demo data, then chat"),
+    "export": ("minimind_scale.export", "ExportConfig", "run",
+               "a training checkpoint (plain or ZeRO, LoRA merged) -> a Hugging Face model directory"),
+    "import-minimind": ("minimind_scale.import_minimind", "ImportMinimindConfig", "run",
+                        "a MiniMind .pth state dict -> a Hugging Face model directory"),
+    "plot": ("minimind_scale.plot", "PlotConfig", "run",
+             "loss / lr / tokens-per-second curves of one or more runs -> loss.png"),
 }
 
 
@@ -53,9 +58,10 @@ def _has_cuda_quick() -> bool:
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
-    """Drop `--local_rank=N` / `--local_rank N`, which the deepspeed launcher appends; LOCAL_RANK says the same."""
+    """Drop `--local_rank=N` / `--local_rank N`, which the deepspeed launcher appends; LOCAL_RANK says the
+    same."""
     out, skip = [], False
-    for i, tok in enumerate(argv):
+    for tok in argv:
         if skip:
             skip = False
             continue
@@ -95,10 +101,12 @@ def top_help() -> str:
     for spec in registry.stages():
         alias = f" (alias {', '.join(spec.aliases)})" if spec.aliases else ""
         lines.append(f"  {spec.name:<16} {spec.help}{alias}")
-    lines += ["", "tools:", f"  {'prepare STAGE':<16} tokenise and cache a stage's data; prints the data set's directory"]
+    lines += ["", "tools:",
+              f"  {'prepare STAGE':<16} tokenise and cache a stage's data; prints the data set's directory"]
     lines += [f"  {name:<16} {t[3]}" for name, t in TOOLS.items()]
     lines += ["", "`python -m minimind_scale COMMAND --help` lists every field with its type, default and meaning.",
-              "Stage plugins: --plugin FILE.py, $MINIMIND_SCALE_PLUGINS, or the `minimind_scale.stages` entry point group."]
+              "Stage plugins: --plugin FILE.py, $MINIMIND_SCALE_PLUGINS, or the `minimind_scale.stages` entry point "
+              "group."]
     return "\n".join(lines)
 
 
@@ -118,7 +126,8 @@ def _config_for(cls, argv: list[str], command: str):
 def run_stage(name: str, argv: list[str], plugins: list[str]) -> None:
     spec = registry.get_stage(name)
     cfg = _config_for(spec.config, argv, name)
-    cfg.plugin = plugins
+    # The plugin files this run loaded, so that its config.yaml re-runs with --config alone.
+    cfg.plugin = list(dict.fromkeys(cfg.plugin + plugins))
     from .checkpoint import newest_checkpoint
     from .distributed import LaunchEnv, peer_failures_as_errors
     from .engine import train
@@ -148,10 +157,20 @@ def run_tool(name: str, argv: list[str]) -> None:
     getattr(mod, fn_name)(cfg)
 
 
+def config_file_plugins(argv: list[str]) -> list[str]:
+    """The `plugin` list of a `--config` file: its stage may live in one, so it must load before the stage is
+    looked up."""
+    config_file, _ = pop_option(argv, "config")
+    if not config_file:
+        return []
+    listed = load_yaml(config_file[0]).get("plugin") or []
+    return [listed] if isinstance(listed, str) else [str(p) for p in listed]
+
+
 def dispatch(argv: list[str]) -> None:
     argv = strip_launcher_args(argv)
     plugins, argv = pop_option(argv, "plugin")  # one file per --plugin; repeat the flag for more
-    registry.discover(plugins)
+    registry.discover(config_file_plugins(argv) + plugins)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(top_help())
         return
@@ -167,14 +186,14 @@ def dispatch(argv: list[str]) -> None:
         raise UserError(f"unknown command '{command}'{did_you_mean(command, names)}. Run with --help for the list.")
 
 
-def main(argv: list[str] | None = None, on_error: Callable[[str], None] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     _quiet_third_parties()
     try:
         dispatch(sys.argv[1:] if argv is None else argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         _shutdown_process_group()
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     except PeerLost as e:
         print(f"error: {e}", file=sys.stderr)
         # With a member gone, tearing the process group down would wait for it forever.
@@ -183,10 +202,10 @@ def main(argv: list[str] | None = None, on_error: Callable[[str], None] | None =
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         _shutdown_process_group()
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(130) from None
     _shutdown_process_group()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,58 +22,80 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+# Fields whose defaults stages change. A stage config re-annotates one with a new default only
+# (`learning_rate: LearningRate = 1e-5`) and keeps its constraints and description.
+OutDir = Annotated[str, Field(description="where config.yaml, metrics.jsonl, checkpoints/ and final/ go")]
+ModelSource = Annotated[str, Field(description="a preset name or a Hugging Face model directory to start from")]
+MaxSeqLen = Annotated[int, Field(ge=8, description="tokens per sample; longer samples keep their prefix")]
+Epochs = Annotated[int, Field(ge=1, description="passes over the data (ignored when max_steps is set)")]
+BatchSize = Annotated[int, Field(ge=1, description="samples per micro-batch per process")]
+AccumulationSteps = Annotated[int, Field(ge=1, description="micro-batches per optimizer step")]
+LearningRate = Annotated[float, Field(gt=0, description="peak learning rate")]
+Packing = Annotated[bool, Field(description="pack several samples into each max_seq_len row (best-fit decreasing); "
+                                "attention never crosses samples, so the loss is that of unpacked rows")]
+
+
 class TrainConfig(StrictConfig):
     """Fields common to every training stage. A stage subclasses this and may change defaults."""
 
     data_path: list[str] = Field(default_factory=list, description="one or more jsonl data files")
-    out_dir: str = Field("out/run", description="where config.yaml, metrics.jsonl, checkpoints/ and final/ go")
-    model: str = Field("minimind2-small", description="a preset name or a Hugging Face model directory to start from")
-    hidden_size: Optional[int] = Field(None, ge=8, description="override the preset's hidden size (from scratch only)")
-    num_hidden_layers: Optional[int] = Field(None, ge=1, description="override the preset's layer count (from scratch only)")
-    tokenizer: Optional[str] = Field(None, description="tokenizer directory; default: the model's, else the one shipped with the package")
-    max_seq_len: int = Field(512, ge=8, description="tokens per sample; longer samples keep their prefix")
-    epochs: int = Field(1, ge=1, description="passes over the data (ignored when max_steps is set)")
-    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
-    batch_size: int = Field(8, ge=1, description="samples per micro-batch per process")
-    accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    learning_rate: float = Field(5e-4, gt=0, description="peak learning rate")
+    out_dir: OutDir = "out/run"
+    model: ModelSource = "minimind2-small"
+    hidden_size: int | None = Field(None, ge=8, description="override the preset's hidden size (from scratch only)")
+    num_hidden_layers: int | None = Field(None, ge=1,
+                                          description="override the preset's layer count (from scratch only)")
+    tokenizer: str | None = Field(None, description="tokenizer directory; default: the model's, else the one shipped "
+                                  "with the package")
+    max_seq_len: MaxSeqLen = 512
+    epochs: Epochs = 1
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: BatchSize = 8
+    accumulation_steps: AccumulationSteps = 1
+    learning_rate: LearningRate = 5e-4
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of learning_rate")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1")
     adam_beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0 disables clipping)")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="mixed precision: auto = bf16 where supported, else fp32")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="mixed precision: auto = bf16 where supported, else fp32")
     seed: int = Field(42, description="seed for weights, shuffling and dropout")
     log_interval: int = Field(10, ge=1, description="log every N optimizer steps")
     save_interval: int = Field(500, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept; older ones are deleted")
     resume: str = Field("auto", description="auto (newest complete checkpoint in out_dir), never, or a checkpoint path")
-    packing: bool = Field(False, description="pack several samples per row (attention never crosses samples)")
-    num_proc: int = Field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)), ge=1, description="tokenisation worker processes")
-    cache_dir: Optional[str] = Field(None, description="tokenised-data cache (default $MINIMIND_SCALE_CACHE or ~/.cache/minimind_scale)")
+    packing: Packing = False
+    num_proc: int = Field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)), ge=1,
+                          description="tokenisation worker processes")
+    cache_dir: str | None = Field(None, description="tokenised-data cache (default $MINIMIND_SCALE_CACHE or "
+                                  "~/.cache/minimind_scale)")
     skip_bad_records: bool = Field(False, description="skip malformed records (counted in the log) instead of failing")
     report_to: Literal["none", "tensorboard", "wandb", "swanlab"] = Field("none", description="experiment tracker")
-    deepspeed: Optional[str] = Field(None, description="DeepSpeed JSON config (ds_configs/zeroN.json)")
-    nan_policy: Literal["stop", "skip_step"] = Field("stop", description="on a non-finite loss or gradient: stop (keeping the last checkpoint) or skip that update")
-    collective_timeout_sec: int = Field(600, ge=10, description="how long a process waits in a collective for the others; "
-                                        "a rank that died makes the rest stop after at most this long")
-    group_by_length: bool = Field(False, description="padded batches (packing false, DPO): batch samples of similar length "
-                                  "together, in shuffled groups, so less of each batch is padding")
-    pad_to: Literal["longest", "max_seq_len"] = Field("longest", description="padded batches: pad to the batch's longest "
-                                                     "row, or to max_seq_len as MiniMind does (for comparisons)")
-    cross_entropy: Literal["full", "chunked", "liger"] = Field("full", description="next-token loss: full logits; chunked "
-                                                               "(the [tokens x vocab] fp32 logits are never held at once); "
-                                                               "liger (fused kernel, where liger-kernel is installed)")
-    peak_tflops: Optional[float] = Field(None, gt=0, description="one device's peak TFLOP/s at the run's precision, for "
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON config (ds_configs/zeroN.json)")
+    nan_policy: Literal["stop", "skip_step"] = Field("stop", description="on a non-finite loss or gradient: stop "
+                                                     "(keeping the last checkpoint) or skip that update")
+    collective_timeout_sec: int = Field(600, ge=10, description="how long a process waits in a collective for the "
+                                        "others; a rank that died makes the rest stop after at most this long")
+    group_by_length: bool = Field(False, description="padded batches (packing false, DPO): batch samples of similar "
+                                  "length together, in shuffled groups, so less of each batch is padding")
+    pad_to: Literal["longest", "max_seq_len"] = Field(
+        "longest", description="padded batches: pad to the batch's longest row, or to max_seq_len as MiniMind does "
+                               "(for comparisons)")
+    cross_entropy: Literal["full", "chunked", "liger"] = Field(
+        "full", description="next-token loss: full logits; chunked (the [tokens x vocab] fp32 logits are never held "
+                            "at once); liger (fused kernel, where liger-kernel is installed)")
+    peak_tflops: float | None = Field(None, gt=0, description="one device's peak TFLOP/s at the run's precision, for "
                                          "the mfu metric (default: a table of common GPUs; none on CPUs)")
-    dataloader_workers: int = Field(0, ge=0, description="data loader worker processes (0: load in the training process)")
+    dataloader_workers: int = Field(0, ge=0,
+                                    description="data loader worker processes (0: load in the training process)")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
         "auto", description="attention kernel: auto = flash_attention_2 on CUDA in bf16/fp16 where flash-attn is "
                             "installed, else sdpa. Packed rows never attend across samples with any of them")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     compile: bool = Field(False, description="torch.compile the model")
-    plugin: list[str] = Field(default_factory=list, description="extra stage plugin files to load (also $MINIMIND_SCALE_PLUGINS)")
+    plugin: list[str] = Field(default_factory=list, description="stage plugin files to load before the stage is "
+                              "looked up (with --config, the file's list is loaded too; also $MINIMIND_SCALE_PLUGINS)")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -178,7 +200,7 @@ def did_you_mean(name: str, choices) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def build_config(cls: type[BaseModel], flags: dict[str, Any], yaml_path: Optional[str] = None) -> BaseModel:
+def build_config(cls: type[BaseModel], flags: dict[str, Any], yaml_path: str | None = None) -> BaseModel:
     """Merge YAML then flags over the class defaults; raise one UserError listing every problem."""
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -236,7 +258,8 @@ def describe_fields(cls: type[BaseModel]) -> str:
     rows = []
     for name, f in cls.model_fields.items():
         type_name = _type_name(f.annotation)
-        default = "required" if f.is_required() else (f.default_factory() if f.default_factory is not None else f.default)
+        default = "required" if f.is_required() else (f.default_factory() if f.default_factory is not None
+                                                      else f.default)
         rows.append((f"--{name}", type_name, default if f.is_required() else repr(default), f.description or ""))
     w0 = max(len(r[0]) for r in rows)
     w1 = min(28, max(len(r[1]) for r in rows))

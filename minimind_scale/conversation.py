@@ -1,4 +1,4 @@
-"""Chat records -> validated messages -> token ids with assistant-only labels (DESIGN.md section 3).
+"""Chat records -> validated messages -> token ids with assistant-only labels.
 
 `normalize_messages` turns one raw record into clean message dicts (raising `RecordError` with a
 dotted field path for anything malformed); `encode_chat` renders them with the tokenizer's own chat
@@ -12,8 +12,7 @@ from bisect import bisect_left, bisect_right
 from typing import Any
 
 from .errors import RecordError
-
-IGNORE_INDEX = -100
+from .rows import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
@@ -65,12 +64,14 @@ def _check_no_markers(text: str, field: str) -> None:
             raise RecordError(field, f"contains the chat control marker {marker!r}")
 
 
-def normalize_messages(record: dict, key: str | None = None) -> tuple[list[dict], list | None]:
+def normalize_messages(record: dict, key: str | None = None,
+                       require_assistant: bool = True) -> tuple[list[dict], list | None]:
     """Validate one record's conversation and return (messages, tools).
 
     `key` forces which list to read (e.g. "chosen"/"rejected" for DPO); by default `conversations`,
     falling back to `messages`. Tools may sit on the system turn (MiniMind style) or at the record's
     top level (`tools`, common HF style); they are removed from the messages and returned apart.
+    `require_assistant` false accepts a conversation without an assistant turn (a prompt).
     """
     if not isinstance(record, dict):
         raise RecordError("record", f"must be a JSON object, got {type(record).__name__}")
@@ -92,64 +93,64 @@ def normalize_messages(record: dict, key: str | None = None) -> tuple[list[dict]
 
     tools = _parse_tools(record.get("tools"), "tools")
     messages: list[dict] = []
-    has_assistant = False
     for i, item in enumerate(raw):
-        path = f"{key}[{i}]"
-        if not isinstance(item, dict):
-            raise RecordError(path, f"must be an object, got {type(item).__name__}")
-        role = item.get("role")
-        if role is None:
-            raise RecordError(f"{path}.role", "missing")
-        if role not in ROLES:
-            raise RecordError(f"{path}.role", f"must be one of {'|'.join(ROLES)}, got {role!r}")
-        if role == "system" and i != 0:
-            raise RecordError(f"{path}.role", "a system turn is only allowed as the first message")
-
-        content = item.get("content")
-        if content is None:
-            raise RecordError(f"{path}.content", "missing")
-        if not isinstance(content, str):
-            raise RecordError(f"{path}.content", f"must be a string, got {type(content).__name__}")
-        _check_no_markers(content, f"{path}.content")
-
-        msg: dict = {"role": role, "content": content}
-
-        reasoning = item.get("reasoning_content")
-        if reasoning is not None:
-            if not isinstance(reasoning, str):
-                raise RecordError(f"{path}.reasoning_content", f"must be a string, got {type(reasoning).__name__}")
-            _check_no_markers(reasoning, f"{path}.reasoning_content")
-            msg["reasoning_content"] = reasoning
-
-        calls = item.get("tool_calls")
-        if calls is not None:
-            calls = _parse_tool_calls(calls, f"{path}.tool_calls")
-            if calls and role != "assistant":
-                raise RecordError(f"{path}.tool_calls", f"only assistant turns may call tools, not {role}")
-            if calls:
-                msg["tool_calls"] = calls
-
-        turn_tools = item.get("tools")
+        msg, turn_tools = _message(item, i, f"{key}[{i}]")
         if turn_tools is not None:
-            if role != "system":
-                raise RecordError(f"{path}.tools", "tools belong on the system turn")
-            turn_tools = _parse_tools(turn_tools, f"{path}.tools")
-            if turn_tools is not None:
-                if tools is not None:
-                    raise RecordError(f"{path}.tools", "tools given both here and at the record's top level")
-                tools = turn_tools
-
-        # An empty system prompt is normal (tool-only records); an assistant turn that only calls
-        # tools has nothing else to say. Any other empty turn is a broken record.
-        if content == "" and role != "system" and not (role == "assistant" and "tool_calls" in msg):
-            raise RecordError(f"{path}.content", f"empty {role} turn")
-
-        has_assistant = has_assistant or role == "assistant"
+            if tools is not None:
+                raise RecordError(f"{key}[{i}].tools", "tools given both here and at the record's top level")
+            tools = turn_tools
         messages.append(msg)
-
-    if not has_assistant:
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise RecordError(key, "has no assistant turn (nothing to learn)")
     return messages, tools
+
+
+def _message(item: Any, i: int, path: str) -> tuple[dict, list | None]:
+    """One validated message of a conversation, and the tools its system turn declares (or None)."""
+    if not isinstance(item, dict):
+        raise RecordError(path, f"must be an object, got {type(item).__name__}")
+    role = item.get("role")
+    if role is None:
+        raise RecordError(f"{path}.role", "missing")
+    if role not in ROLES:
+        raise RecordError(f"{path}.role", f"must be one of {'|'.join(ROLES)}, got {role!r}")
+    if role == "system" and i != 0:
+        raise RecordError(f"{path}.role", "a system turn is only allowed as the first message")
+
+    content = item.get("content")
+    if content is None:
+        raise RecordError(f"{path}.content", "missing")
+    if not isinstance(content, str):
+        raise RecordError(f"{path}.content", f"must be a string, got {type(content).__name__}")
+    _check_no_markers(content, f"{path}.content")
+    msg: dict = {"role": role, "content": content}
+
+    reasoning = item.get("reasoning_content")
+    if reasoning is not None:
+        if not isinstance(reasoning, str):
+            raise RecordError(f"{path}.reasoning_content", f"must be a string, got {type(reasoning).__name__}")
+        _check_no_markers(reasoning, f"{path}.reasoning_content")
+        msg["reasoning_content"] = reasoning
+
+    calls = item.get("tool_calls")
+    if calls is not None:
+        calls = _parse_tool_calls(calls, f"{path}.tool_calls")
+        if calls and role != "assistant":
+            raise RecordError(f"{path}.tool_calls", f"only assistant turns may call tools, not {role}")
+        if calls:
+            msg["tool_calls"] = calls
+
+    turn_tools = item.get("tools")
+    if turn_tools is not None:
+        if role != "system":
+            raise RecordError(f"{path}.tools", "tools belong on the system turn")
+        turn_tools = _parse_tools(turn_tools, f"{path}.tools")
+
+    # An empty system prompt is normal (tool-only records); an assistant turn that only calls
+    # tools has nothing else to say. Any other empty turn is a broken record.
+    if content == "" and role != "system" and not (role == "assistant" and "tool_calls" in msg):
+        raise RecordError(f"{path}.content", f"empty {role} turn")
+    return msg, turn_tools
 
 
 def _render(messages: list[dict], tools: list | None, tokenizer, **kwargs) -> str:

@@ -1,16 +1,15 @@
 """Knowledge-distillation loss as plain functions on logits (no engine, no model).
 
-Everything is a SUM over loss-bearing tokens (positions whose next-token label is not -100), so the
+Everything is a SUM over loss-bearing tokens (positions whose next-token label is not IGNORE_INDEX), so the
 engine's per-step token normalisation applies to distillation exactly as to cross-entropy.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
-from .losses import IGNORE_INDEX, shifted_labels
+from .losses import shifted_labels
+from .rows import IGNORE_INDEX
 
 
 def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -31,7 +30,7 @@ def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labe
 
 
 def weighted_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
-                               token_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                               token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Σ over loss-bearing tokens of weight · CE; weights are aligned with labels (weight of the
     token being predicted), 1 where not given."""
     target = shifted_labels(labels)
@@ -43,7 +42,7 @@ def weighted_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      alpha: float, temperature: float, token_weights: Optional[torch.Tensor] = None
+                      alpha: float, temperature: float, token_weights: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss_sum, ce_sum, kd_sum) with loss = alpha·CE + (1 - alpha)·T²·KL(teacher_T ‖ student_T)."""
     if student_logits.shape != teacher_logits.shape:

@@ -1,10 +1,10 @@
 """Creating the Accelerator the same way under every launcher, and catching silent launcher mismatches.
 
-Facts this relies on (measured, DESIGN §9): on a machine without CUDA, plain multi-process runs only
-form one gloo job when the Accelerator is created with cpu=True; DeepSpeed instead needs the gloo
-backend named through InitProcessGroupKwargs (it refuses cpu=True); ACCELERATE_USE_CPU together with
-DeepSpeed silently runs plain DDP; `accelerate launch --cpu` starts one process whatever
---num_processes says.
+Facts this relies on (measured with torch 2.13, accelerate 1.15, deepspeed 0.19): on a machine
+without CUDA, plain multi-process runs only form one gloo job when the Accelerator is created with
+cpu=True; DeepSpeed instead needs the gloo backend named through InitProcessGroupKwargs (it refuses
+cpu=True); ACCELERATE_USE_CPU together with DeepSpeed silently runs plain DDP;
+`accelerate launch --cpu` starts one process whatever --num_processes says.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class LaunchEnv:
     world_size: int
 
     @classmethod
-    def from_environ(cls) -> "LaunchEnv":
+    def from_environ(cls) -> LaunchEnv:
         return cls(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
                    world_size=int(os.environ.get("WORLD_SIZE", 1)))
 
@@ -58,9 +58,28 @@ def resolve_precision(dtype: str) -> str:
         if cuda:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_supports_bf16() else "no"
-    if dtype == "fp16" and not cuda:
-        raise UserError("dtype fp16 needs a GPU; on a CPU use bf16 or fp32")
+    check_fp16_available(dtype)
     return {"fp32": "no"}.get(dtype, dtype)
+
+
+def check_fp16_available(dtype: str) -> None:
+    if dtype == "fp16" and not torch.cuda.is_available():
+        raise UserError("dtype fp16 needs a GPU; on a CPU use bf16 or fp32")
+
+
+def check_group_size(accelerator, world_size: int) -> None:
+    """Each of these launcher mistakes otherwise runs N independent copies, or one process, silently."""
+    if accelerator.num_processes != world_size:
+        raise UserError(
+            f"the launcher started {world_size} process(es) but they formed a group of {accelerator.num_processes}. "
+            "On a machine without GPUs use `accelerate launch --multi_gpu --num_processes N` (not --cpu, which "
+            "starts one process) or `torchrun --nproc_per_node N`.")
+
+
+def reduce_sum(accelerator, values: list) -> list[float]:
+    """Each value summed over all processes (float64, so token counts stay exact)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").tolist() if accelerator.num_processes > 1 else t.tolist()
 
 
 def load_deepspeed_config(path: str) -> dict:
@@ -112,14 +131,15 @@ def check_launcher(env: LaunchEnv) -> None:
         asked = requested_process_count_from_launcher()
         if asked and asked > 1:
             raise UserError(f"`accelerate launch --cpu --num_processes {asked}` starts ONE process. For {asked} CPU "
-                            f"processes use `accelerate launch --multi_gpu --num_processes {asked} -m minimind_scale ...` "
-                            f"(or accelerate_configs/cpu.yaml, or `torchrun --nproc_per_node {asked}`).")
+                            f"processes use `accelerate launch --multi_gpu --num_processes {asked} -m minimind_scale "
+                            f"...` (or accelerate_configs/cpu.yaml, or `torchrun --nproc_per_node {asked}`).")
 
 
 # How a collective reports that another rank is gone: gloo sees the socket close, NCCL aborts the
 # communicator or its watchdog times out.
-PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
-                      "Watchdog caught collective operation timeout", "timed out", "Timed out")
+PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                      "communicator was aborted", "Watchdog caught collective operation timeout", "timed out",
+                      "Timed out")
 
 
 @contextlib.contextmanager
@@ -131,7 +151,8 @@ def peer_failures_as_errors(world_size: int, newest_checkpoint):
         yield
     except RuntimeError as e:
         dist_error = isinstance(e, getattr(torch.distributed, "DistError", ()))
-        if world_size < 2 or isinstance(e, RunFailed) or not (dist_error or any(s in str(e) for s in PEER_FAILURE_SIGNS)):
+        if world_size < 2 or isinstance(e, RunFailed) or not (
+                dist_error or any(s in str(e) for s in PEER_FAILURE_SIGNS)):
             raise
         # First sentence of the first line, without gloo's "[source file:line]" prefix.
         first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [""])[0])
@@ -139,7 +160,8 @@ def peer_failures_as_errors(world_size: int, newest_checkpoint):
         saved = newest_checkpoint()
         raise PeerLost(f"another process of this {world_size}-process run stopped or became unreachable ({cause}). "
                        "Its own log says why. " + (f"The newest complete checkpoint is {saved}; run the same command "
-                                                   "again to resume from it." if saved else "No checkpoint was saved yet.")
+                                                   "again to resume from it." if saved
+                                                   else "No checkpoint was saved yet.")
                        ) from None
 
 
@@ -173,7 +195,7 @@ def make_accelerator(cfg, tracker_dir: str | None = None):
     check_launcher(env)
     cuda = torch.cuda.is_available()
     precision = resolve_precision(cfg.dtype)
-    # The engine decides when gradients sync (see engine.optimizer_step_window), never the data loader.
+    # The engine decides when gradients sync (see engine.optimizer_step), never the data loader.
     accumulation = GradientAccumulationPlugin(num_steps=cfg.accumulation_steps, sync_with_dataloader=False)
     kwargs = dict(mixed_precision=precision, gradient_accumulation_plugin=accumulation,
                   log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=tracker_dir)
@@ -195,9 +217,5 @@ def make_accelerator(cfg, tracker_dir: str | None = None):
     else:
         kwargs["cpu"] = not cuda
     accelerator = Accelerator(kwargs_handlers=handlers, **kwargs)
-    if accelerator.num_processes != env.world_size:
-        raise UserError(
-            f"the launcher started {env.world_size} process(es) but they formed a group of {accelerator.num_processes}. "
-            "On a machine without GPUs use `accelerate launch --multi_gpu --num_processes N` (not --cpu, which "
-            "starts one process) or `torchrun --nproc_per_node N`.")
+    check_group_size(accelerator, env.world_size)
     return accelerator

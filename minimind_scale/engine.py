@@ -1,313 +1,248 @@
-"""The one training loop, for every stage, on HF Accelerate. Reads top to bottom in the order a run happens.
+"""The one training loop, for every stage, on HF Accelerate. Reads top to bottom in the order a step happens.
 
-Loss normalisation (DESIGN §7): a stage returns loss SUMS and a unit count per micro-batch. Before an
-optimizer step the engine counts the units of all its micro-batches on all ranks (N), then back-props
-each micro-batch's sum scaled by world·accumulation/N. Accelerate (or DeepSpeed) divides by the
-accumulation steps and DDP/ZeRO average over ranks, so the gradient is exactly Σ losses / N.
+Loss normalisation (docs/architecture.md): a stage returns loss SUMS and a unit count per micro-batch.
+Before an optimizer step the engine counts the units of all its micro-batches on all ranks (N), then
+back-props each micro-batch's sum scaled by world·accumulation/N. Accelerate (or DeepSpeed) divides by
+the accumulation steps and DDP/ZeRO average over ranks, so the gradient is exactly Σ losses / N.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
-import json
 import math
-import shutil
 import sys
-import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
 
-from .attention import resolve_attention
-from .chunked_loss import enable_loss_forward
-from .checkpoint import TrainState, find_resume_checkpoint, read_state, removed_on_write_failure, save_checkpoint
-from .config import save_config
-from .data import batches_per_epoch, make_loader, prepare_dataset, row_lengths, to_device
-from .distributed import (LaunchEnv, check_launcher, check_tracker, load_deepspeed_config, make_accelerator,
-                          resolve_precision, whole_model_construction)
-from .errors import NonFiniteLoss, UserError
-from .faults import NAN_AT_STEP, STEP_DELAY, StopRequest
-from .flops import device_peak_flops, train_flops_per_token
+from .batching import to_device
+from .checkpoint import save_checkpoint, write_failures_reported
+from .context import Rollout
+from .distributed import reduce_sum
+from .errors import NonFiniteLoss
+from .loader import make_loader
 from .losses import count_label_tokens
-from .metrics import MetricsLog
-from .models import build_model, check_model_source, count_parameters, load_tokenizer, save_hf
+from .models import save_hf
+from .preemption import StopRequest
+from .publish import STAGING_PREFIX, publish_once
+from .rows import row_lengths
+from .run import Run, setup
 
 
-def build_optimizer(model, cfg):
-    """AdamW; weight decay only on matrices (norm gains and biases are not decayed)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UserError("the model has no trainable parameters")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    if cfg.deepspeed and "offload_optimizer" in load_deepspeed_config(cfg.deepspeed).get("zero_optimization", {}):
-        # ZeRO's optimizer offload steps on the CPU and accepts only DeepSpeed's CPU Adam (AdamW mode).
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+@dataclass
+class StepResult:
+    """One optimizer step, summed over its micro-batches and all ranks."""
 
-        return DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
-
-
-def build_scheduler(optimizer, cfg, total_steps: int):
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=cfg.warmup_steps,
-                                                       num_training_steps=total_steps, min_lr_rate=cfg.min_lr_ratio)
-
-
-def reduce_sum(accelerator, values: list[float | torch.Tensor]) -> list[float]:
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=accelerator.device)
-    return accelerator.reduce(t, reduction="sum").tolist() if accelerator.num_processes > 1 else t.tolist()
-
-
-def reset_peak_memory() -> None:
-    """Start peak-memory accounting at the first step, so one-off set-up (a model built whole before
-    ZeRO partitions it) does not hide what training itself needs."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
-        except OSError:
-            pass
-
-
-def peak_memory_mb(accelerator) -> float:
-    """The largest per-process peak over ranks since reset_peak_memory(): allocated CUDA memory, or
-    resident memory (VmHWM) on a CPU."""
-    if torch.cuda.is_available():
-        mine = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        import resource
-
-        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB; a lifetime peak
-        try:
-            status = Path("/proc/self/status").read_text()
-            mine = int(status.split("VmHWM:")[1].split()[0]) / 1024
-        except (OSError, IndexError, ValueError):
-            pass
-    t = torch.tensor([mine], dtype=torch.float64, device=accelerator.device)
-    return float(accelerator.reduce(t, reduction="max")) if accelerator.num_processes > 1 else mine
-
-
-def optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window: list[dict],
-                          inject_nan: bool = False) -> dict:
-    """Forward/backward every micro-batch of one optimizer step; returns the step's global sums."""
-    units = sum(float(spec.loss_units(b)) for b in window)
-    tokens = sum(float(count_label_tokens(b)) for b in window if "labels" in b)
-    inputs = sum(float(b["_tokens"]) for b in window if "_tokens" in b)
-    total_units, total_tokens, total_inputs = reduce_sum(accelerator, [units, tokens, inputs])
-    scale = accelerator.num_processes * cfg.accumulation_steps / max(total_units, 1.0)
-    # A short window (the end of an epoch) must still sync on its last micro-batch: accelerate's
-    # accumulate() syncs when its counter reaches the accumulation steps.
-    accelerator.step = cfg.accumulation_steps - len(window)
-    loss_sum, metric_sums = 0.0, {}
-    for batch in window:
-        batch = to_device(batch, accelerator.device)
-        with accelerator.accumulate(model):
-            out = spec.loss(model, batch, cfg, ctx)
-            if inject_nan:
-                out.loss_sum = out.loss_sum * float("nan")
-            accelerator.backward(out.loss_sum * scale)
-        loss_sum += out.loss_sum.detach().float()
-        for k, v in out.metrics.items():
-            metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
-    names = sorted(metric_sums)
-    reduced = reduce_sum(accelerator, [loss_sum] + [metric_sums[k] for k in names])
-    loss = reduced[0] / max(total_units, 1.0)
-    metrics = {k: v / max(total_units, 1.0) for k, v in zip(names, reduced[1:])}
-    row_length = max((b["input_ids"].shape[1] for b in window if "input_ids" in b), default=0)
-    return {"loss": loss, "tokens": int(total_tokens), "units": total_units, "input_tokens": int(total_inputs),
-            "row_length": int(row_length), **metrics}
-
-
-def clip_gradients(accelerator, model, cfg) -> float | None:
-    """The gradient norm before clipping (None where DeepSpeed does not report one, as under ZeRO-0).
-    DeepSpeed already clipped and stepped inside backward."""
-    if accelerator.distributed_type.name == "DEEPSPEED":
-        norm = model.get_global_grad_norm()
-    else:
-        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    return float(norm) if norm is not None else None
+    loss: float                  # Σ loss / Σ units
+    metrics: dict[str, float]    # the stage's metrics, each Σ / Σ units
+    tokens: int                  # loss-bearing tokens
+    input_tokens: int            # all real tokens, for throughput and MFU
+    row_length: int              # the longest row, for FLOPs per token
+    lr: float = 0.0              # the learning rate the update used
+    grad_norm: float | None = None  # before clipping; None where DeepSpeed reports none (ZeRO-0)
 
 
 def train(spec, cfg) -> Path:
-    env = LaunchEnv.from_environ()
-    check_launcher(env)
-    out_dir = Path(cfg.out_dir)
-    say = print if env.is_main else (lambda *a, **k: None)
-    # Everything a typo could break is checked before the (possibly long) tokenisation.
-    check_model_source(cfg.model, cfg.hidden_size, cfg.num_hidden_layers)
-    check_tracker(cfg.report_to)
-    attention = resolve_attention(cfg.attn_implementation, resolve_precision(cfg.dtype))
-    if cfg.deepspeed:
-        load_deepspeed_config(cfg.deepspeed)
-        if cfg.nan_policy == "skip_step":
-            raise UserError("nan_policy skip_step cannot be used with --deepspeed: DeepSpeed applies the update "
-                            "inside backward, before the loss can be checked. Use nan_policy stop.")
-    checkpoint = find_resume_checkpoint(cfg.resume, out_dir)
-    written_by = read_state(checkpoint).world_size if checkpoint is not None else env.world_size
-    if written_by != env.world_size:
-        raise UserError(f"{checkpoint} was written by {written_by} process(es) and this run "
-                        f"has {env.world_size}: the data order depends on the process count, so resume with the "
-                        "same count, or start a new out_dir with --model set to a final/ model directory.")
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
-    # Tokenise before any process group exists: other local ranks wait on the file system, so a
-    # long first tokenisation can never hit a collective timeout.
-    dataset, _, report = prepare_dataset(spec, cfg, tokenizer, is_local_main=env.is_local_main, log=say)
-
-    accelerator = make_accelerator(cfg, tracker_dir=str(out_dir))
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.seed)
-    ctx = SimpleNamespace(tokenizer=tokenizer, accelerator=accelerator, out_dir=out_dir, dataset=dataset)
-    with whole_model_construction(accelerator):
-        model = build_model(cfg.model, tokenizer, cfg.hidden_size, cfg.num_hidden_layers)
-        model.set_attn_implementation(attention)
-        if spec.setup is not None:
-            model = spec.setup(model, cfg, ctx)
-    if cfg.cross_entropy != "full":  # before prepare: Accelerate's autocast wraps the forward it finds
-        enable_loss_forward(model, cfg.cross_entropy)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    n_params, n_trainable = count_parameters(model)
-
-    world = accelerator.num_processes
-    per_epoch = math.ceil(batches_per_epoch(len(dataset), world, cfg.batch_size) / cfg.accumulation_steps)
-    total_steps = cfg.max_steps or per_epoch * cfg.epochs
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
-    if accelerator.state.deepspeed_plugin is not None:
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if cfg.compile:
-        model = torch.compile(model)
-    accelerator.register_for_checkpointing(scheduler)
-
-    state = TrainState(world_size=world)
-    if checkpoint is not None:
-        state = read_state(checkpoint)
-        accelerator.load_state(str(checkpoint))
-        say(f"resumed from {checkpoint} at step {state.step}")
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-        # What the run trained on: records kept, skipped per reason, tokens (also beside the cache).
-        (out_dir / "data_report.json").write_text(json.dumps(report.__dict__, indent=1))
-    if cfg.report_to != "none":
-        # Trackers' hyper-parameter tables take scalars only; lists and None are written as text.
-        flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in cfg.model_dump(mode="json").items()}
-        accelerator.init_trackers(out_dir.name, config=flat)
-    metrics_log = MetricsLog(out_dir, accelerator, state.step)
-
-    precision = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32"
-    peak_flops = device_peak_flops(precision, cfg.peak_tflops)
-    model_config = getattr(accelerator.unwrap_model(model), "config", None)
-    flops_per_token = (lambda row_length: train_flops_per_token(model_config, row_length, n_trainable / n_params)) \
-        if model_config is not None else (lambda row_length: 0.0)
-    say(f"[{spec.name}] model {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable) | "
-        f"data {report.summary()} | {total_steps} steps of {cfg.batch_size}x{cfg.accumulation_steps}x{world} rows | "
-        f"{precision}, {attention} attention | {accelerator.distributed_type.name.lower()} x{world} on {accelerator.device}")
-
-    collate = lambda rows: spec.collate(rows, tokenizer, cfg)  # noqa: E731
-    lengths = row_lengths(dataset) if cfg.group_by_length else None
-    bar = tqdm(total=total_steps, initial=state.step, desc=spec.name, disable=not accelerator.is_main_process,
-               dynamic_ncols=True, file=sys.stdout)
-    model.train()
+    run = setup(spec, cfg)
+    state = run.state
     stop = StopRequest()
-    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
-    reset_peak_memory()
-    started, last_log_time, tokens_at_last_log = time.time(), time.time(), state.tokens
-    inputs_since_log, flops_since_log = 0, 0.0
-    while state.step < total_steps:
-        loader = make_loader(dataset, collate, cfg.batch_size, world, accelerator.process_index, cfg.seed,
-                             state.epoch, skip_batches=state.batch_in_epoch, num_workers=cfg.dataloader_workers,
-                             lengths=lengths)
-        batches = iter(loader)
-        while state.step < total_steps:
-            window = list(itertools.islice(batches, cfg.accumulation_steps))
-            if not window:
-                break
-            result = optimizer_step_window(accelerator, model, optimizer, spec, cfg, ctx, window,
-                                           inject_nan=state.step + 1 == NAN_AT_STEP)
-            lr = scheduler.get_last_lr()[0]
-            grad_norm = clip_gradients(accelerator, model, cfg)
-            if math.isfinite(result["loss"]) and (grad_norm is None or math.isfinite(grad_norm)):
-                if not deepspeed:
-                    optimizer.step()
-            elif cfg.nan_policy == "stop" or deepspeed:
-                raise NonFiniteLoss(f"step {state.step + 1}: loss {result['loss']}, gradient norm {grad_norm}. Stopped "
-                                    "without saving: the newest checkpoint in checkpoints/ is the last good state "
-                                    "(nan_policy skip_step would skip such steps instead).")
-            else:
-                state.skipped_steps += 1
-                say(f"\nstep {state.step + 1}: non-finite loss or gradient, update skipped ({state.skipped_steps} so far)")
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+    bar = tqdm(total=run.total_steps, initial=state.step, desc=spec.name, file=sys.stdout, dynamic_ncols=True,
+               disable=not run.accelerator.is_main_process)
+    run.model.train()
+    run.throughput.start()
+    while state.step < run.total_steps:
+        for step in step_batches(run):
+            result = optimizer_step(run, step)
             state.step += 1
-            state.batch_in_epoch += len(window)
-            state.tokens += result.pop("tokens")
-            result.pop("units")
-            step_inputs = result.pop("input_tokens")
-            inputs_since_log += step_inputs
-            flops_since_log += step_inputs * flops_per_token(result.pop("row_length"))
-            if state.step % cfg.log_interval == 0 or state.step == total_steps:
-                now = time.time()
-                span = max(now - last_log_time, 1e-9)
-                row = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / max(1, per_epoch * cfg.accumulation_steps),
-                       "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
-                       "tokens_per_sec": (state.tokens - tokens_at_last_log) / span,
-                       "input_tokens_per_sec": inputs_since_log / span,
-                       "elapsed_sec": state.elapsed_sec + now - started, "world_size": world,
-                       "peak_mem_mb": peak_memory_mb(accelerator), "skipped_steps": state.skipped_steps, **result}
-                if peak_flops:
-                    row["mfu"] = flops_since_log / span / (peak_flops * world)
-                metrics_log.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_sec']:.0f}")
-                last_log_time, tokens_at_last_log, inputs_since_log, flops_since_log = now, state.tokens, 0, 0.0
+            state.batch_in_epoch += step.consumed
+            state.tokens += result.tokens
+            run.throughput.record(result.input_tokens, result.row_length)
+            if state.step % cfg.log_interval == 0 or state.step == run.total_steps:
+                log_step(run, result, bar)
             bar.update(1)
-            if STEP_DELAY:
-                time.sleep(STEP_DELAY)
-            stopping = stop.agreed(accelerator)
-            if stopping or (cfg.save_interval and state.step % cfg.save_interval == 0 and state.step < total_steps):
-                state.elapsed_sec += time.time() - started
-                started = time.time()
-                saved = save_checkpoint(accelerator, out_dir, state, cfg.save_total_limit)
+            for callback in run.callbacks:
+                callback.on_step_end(run, result)
+            stopping = step.ends_rollout and stop.agreed(run.accelerator)
+            save_due = cfg.save_interval and state.step % cfg.save_interval == 0 and state.step < run.total_steps
+            if stopping or (step.ends_rollout and save_due):
+                saved = checkpoint(run)
             if stopping:
                 bar.close()
-                say(f"stopped by {stop.signal_name or 'a signal on another rank'} after step {state.step}; "
-                    f"checkpoint {saved}. Run the same command again to continue.")
-                accelerator.end_training()
+                run.say(f"stopped by {stop.signal_name or 'a signal on another rank'} after step {state.step}; "
+                        f"checkpoint {saved}. Run the same command again to continue.")
+                run.accelerator.end_training()
                 return saved
-        if state.step < total_steps:
+            if state.step == run.total_steps:
+                break
+        else:  # the epoch ran out before the last step
             state.epoch += 1
             state.batch_in_epoch = 0
     bar.close()
-    state.elapsed_sec += time.time() - started
-    save_checkpoint(accelerator, out_dir, state, cfg.save_total_limit)
-    final = save_final(accelerator, model, tokenizer, out_dir, spec, cfg, ctx)
-    accelerator.end_training()
-    say(f"done: {state.step} steps, {state.tokens} loss-bearing tokens, {state.elapsed_sec:.1f}s -> {final}")
+    checkpoint(run)
+    final = save_final(run)
+    run.accelerator.end_training()
+    run.say(f"done: {state.step} steps, {state.tokens} loss-bearing tokens, {state.elapsed_sec:.1f}s -> {final}")
     return final
 
 
-def save_final(accelerator, model, tokenizer, out_dir: Path, spec, cfg, ctx) -> Path:
-    """final/ is written under a temporary name and renamed, like a checkpoint: it is complete or absent."""
-    final, partial = out_dir / "final", out_dir / ".tmp-final"
+@dataclass
+class StepInput:
+    """What one optimizer step trains on."""
+
+    consumed: int                # loader batches this step takes from the epoch (0 when it reuses a rollout)
+    micro_batches: list[dict]
+    metrics: dict[str, tuple[float, float]]  # the rollout's own metrics: name -> (sum, count) on this process
+    ends_rollout: bool = True    # the last step that trains on these micro-batches
+
+
+def step_batches(run: Run) -> Iterator[StepInput]:
+    """Where an optimizer step's micro-batches come from, for each remaining step of the current epoch.
+    An offline stage trains on the loader's window of `accumulation_steps` batches; a stage with a
+    rollout turns that window into micro-batches itself, for `steps_per_rollout` steps."""
+    cfg, acc, state = run.cfg, run.accelerator, run.state
+    loader = make_loader(run.ctx.dataset, lambda rows: run.spec.collate(rows, run.ctx.tokenizer, cfg), cfg.batch_size,
+                         acc.num_processes, acc.process_index, cfg.seed, state.epoch,
+                         skip_batches=state.batch_in_epoch, num_workers=cfg.dataloader_workers,
+                         lengths=row_lengths(run.ctx.dataset) if cfg.group_by_length else None,
+                         with_index=run.spec.row_index)
+    batches = iter(loader)
+    while window := list(itertools.islice(batches, cfg.accumulation_steps)):
+        if run.spec.rollout is None:
+            yield StepInput(len(window), window, {})
+            continue
+        made = rollout(run, window)
+        micro_batches, metrics = (made.micro_batches, made.metrics) if isinstance(made, Rollout) else (made, {})
+        for k in range(run.steps_per_rollout):
+            yield StepInput(len(window) if k == 0 else 0, micro_batches, metrics, k == run.steps_per_rollout - 1)
+
+
+def rollout(run: Run, window: list[dict]) -> list[dict]:
+    """The stage's rollout on this step's loader batches: no gradients, eval mode (dropout off, the
+    KV cache on for generation), on the unwrapped model with ZeRO-3's shards gathered."""
+    model = run.accelerator.unwrap_model(run.model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), gathered_parameters(run, model):
+            return run.spec.rollout(model, [to_device(b, run.accelerator.device) for b in window], run.cfg, run.ctx)
+    finally:
+        model.train(was_training)
+
+
+def gathered_parameters(run: Run, model):
+    """Under ZeRO-3 each rank holds a shard of every weight; generation needs them whole."""
+    plugin = run.accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+
+def optimizer_step(run: Run, step: StepInput) -> StepResult:
+    """Forward and backward every micro-batch of one optimizer step, normalised over the whole step, then update."""
+    acc, cfg, spec, micro_batches = run.accelerator, run.cfg, run.spec, step.micro_batches
+    units, tokens, inputs = reduce_sum(acc, [
+        sum(float(spec.loss_units(b)) for b in micro_batches),
+        sum(float(count_label_tokens(b)) for b in micro_batches if "labels" in b),
+        sum(float(b["_tokens"]) for b in micro_batches if "_tokens" in b)])
+    units = max(units, 1.0)
+    scale = acc.num_processes * cfg.accumulation_steps / units
+    # A short window (the end of an epoch) must still sync on its last micro-batch: accelerate's
+    # accumulate() syncs when its counter reaches the accumulation steps.
+    acc.step = cfg.accumulation_steps - len(micro_batches)
+    loss_sum, sums, counts = 0.0, {}, {}
+    for batch in micro_batches:
+        batch = to_device(batch, acc.device)
+        with acc.accumulate(run.model):
+            out = spec.loss(run.model, batch, cfg, run.ctx)
+            for callback in run.callbacks:
+                callback.on_micro_batch_loss(run, out)
+            acc.backward(out.loss_sum * scale)
+        loss_sum += out.loss_sum.detach().float()
+        for k, v in out.metrics.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+            counts[k] = counts.get(k, 0.0) + float(out.metric_units.get(k, 0.0))
+    loss, metrics = step_metrics(acc, loss_sum, units, sums, counts, step.metrics)
+    result = StepResult(loss=loss, metrics=metrics, tokens=int(tokens), input_tokens=int(inputs),
+                        row_length=max((b["input_ids"].shape[1] for b in micro_batches if "input_ids" in b), default=0),
+                        lr=run.scheduler.get_last_lr()[0])
+    result.grad_norm = apply_update(run, result.loss)
+    return result
+
+
+def step_metrics(acc, loss_sum, units: float, sums: dict, counts: dict,
+                 rollout_metrics: dict[str, tuple[float, float]]) -> tuple[float, dict[str, float]]:
+    """(loss, metrics) of a step, every sum and count reduced over all processes in one collective. A metric
+    is divided by its own summed count where it has one, else by the step's loss units."""
+    names = sorted(sums) + sorted(rollout_metrics)
+    pairs = [(sums[k], counts[k]) for k in sorted(sums)] + [rollout_metrics[k] for k in sorted(rollout_metrics)]
+    reduced = reduce_sum(acc, [loss_sum] + [v for pair in pairs for v in pair])
+    metrics = {}
+    for i, name in enumerate(names):
+        total, count = reduced[1 + 2 * i], reduced[2 + 2 * i]
+        metrics[name] = total / (count if count > 0 else units)
+    return reduced[0] / units, metrics
+
+
+def apply_update(run: Run, loss: float) -> float | None:
+    """Clip and step, unless the loss or the gradient is not finite (nan_policy); returns the gradient norm
+    before clipping. DeepSpeed clips (gradient_clipping) and steps inside backward, so there it is only read."""
+    cfg, acc = run.cfg, run.accelerator
+    if run.uses_deepspeed:
+        norm = run.model.get_global_grad_norm()
+    else:
+        norm = acc.clip_grad_norm_(run.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    grad_norm = float(norm) if norm is not None else None
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        if not run.uses_deepspeed:
+            run.optimizer.step()
+    elif cfg.nan_policy == "stop" or run.uses_deepspeed:
+        raise NonFiniteLoss(f"step {run.state.step + 1}: loss {loss}, gradient norm {grad_norm}. Stopped "
+                            "without saving: the newest checkpoint in checkpoints/ is the last good state "
+                            "(nan_policy skip_step would skip such steps instead).")
+    else:
+        run.state.skipped_steps += 1
+        run.say(f"\nstep {run.state.step + 1}: non-finite loss or gradient, update skipped "
+                f"({run.state.skipped_steps} so far)")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return grad_norm
+
+
+def log_step(run: Run, result: StepResult, bar) -> None:
+    state = run.state
+    epoch = state.epoch + state.batch_in_epoch / max(1, run.steps_per_epoch * run.cfg.accumulation_steps)
+    row = {"step": state.step, "epoch": epoch, "lr": result.lr, "grad_norm": result.grad_norm, "tokens": state.tokens,
+           **run.throughput.rates(state.tokens, state.elapsed_sec), "world_size": run.accelerator.num_processes,
+           "skipped_steps": state.skipped_steps, "loss": result.loss, **result.metrics}
+    run.metrics_log.write(row)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{row['tokens_per_sec']:.0f}")
+
+
+def checkpoint(run: Run) -> Path:
+    run.state.elapsed_sec += run.throughput.take_elapsed()
+    return save_checkpoint(run.accelerator, run.out_dir, run.state, run.cfg.save_total_limit, run.ctx.state)
+
+
+def save_final(run: Run) -> Path:
+    """final/ in Hugging Face format, published like a checkpoint: it is complete or absent."""
+    acc, final = run.accelerator, run.out_dir / "final"
     # Under DeepSpeed every rank must join the gather of sharded weights; otherwise the model's own
     # state dict (with its tied embedding) is what save_pretrained expects.
-    state_dict = accelerator.get_state_dict(model) if accelerator.state.deepspeed_plugin is not None else None
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        with removed_on_write_failure(partial, out_dir):
-            save_hf(accelerator.unwrap_model(model), tokenizer, partial, state_dict=state_dict)
-            if spec.finalize is not None:
-                spec.finalize(accelerator.unwrap_model(model), tokenizer, partial, cfg, ctx)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-    accelerator.wait_for_everyone()
+    state_dict = acc.get_state_dict(run.model) if acc.state.deepspeed_plugin is not None else None
+    if acc.is_main_process:
+        model, staging = acc.unwrap_model(run.model), run.out_dir / f"{STAGING_PREFIX}final"
+
+        def write(path: Path) -> None:
+            save_hf(model, run.ctx.tokenizer, path, state_dict=state_dict)
+            if run.spec.finalize is not None:
+                run.spec.finalize(model, run.ctx.tokenizer, path, run.cfg, run.ctx)
+
+        with write_failures_reported(run.out_dir, staging):
+            publish_once(final, write, is_complete=Path.is_dir, staging=staging, replace=True, waiters=False)
+    acc.wait_for_everyone()
     return final

@@ -27,7 +27,8 @@ class ExportConfig(StrictConfig):
 
     checkpoint: str = Field(..., description="a checkpoint directory: OUT/checkpoints/step_N")
     out_dir: str = Field(..., description="where the Hugging Face model directory is written")
-    merge_lora: bool = Field(False, description="LoRA runs: merge the adapter into the base and write a full model (default: write the adapter)")
+    merge_lora: bool = Field(False, description="LoRA runs: merge the adapter into the base and write a full model "
+                                                "(default: write the adapter)")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="precision of the written weights")
 
 
@@ -38,8 +39,9 @@ def is_zero_checkpoint(ckpt: Path) -> bool:
 def read_run_config(ckpt: Path) -> tuple[Path, dict]:
     has_weights = is_zero_checkpoint(ckpt) or (ckpt / "model.safetensors").is_file()
     if not ckpt.is_dir() or not has_weights:
-        what = "does not exist" if not ckpt.exists() else ("is not a directory" if not ckpt.is_dir() else
-                                                            "holds neither model.safetensors nor a ZeRO checkpoint ('latest')")
+        what = "does not exist" if not ckpt.exists() else (
+            "is not a directory" if not ckpt.is_dir() else
+            "holds neither model.safetensors nor a ZeRO checkpoint ('latest')")
         raise UserError(f"{ckpt} is not a training checkpoint: it {what}. Give OUT/checkpoints/step_N of a run")
     run_dir = ckpt.resolve().parent.parent
     cfg_path = run_dir / "config.yaml"
@@ -78,7 +80,8 @@ def model_config(run_dir: Path, run: dict, tokenizer):
 
 def load_weights(model, weights: dict[str, torch.Tensor], ckpt: Path) -> None:
     """Strict apart from a tied lm_head, which save_state (and ZeRO) leave out or keep as an alias."""
-    tied = getattr(model.config, "tie_word_embeddings", False) or getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    tied = (getattr(model.config, "tie_word_embeddings", False)
+            or getattr(model.config.get_text_config(), "tie_word_embeddings", False))
     if tied:
         weights = {k: v for k, v in weights.items() if not k.endswith("lm_head.weight")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -139,6 +142,7 @@ def run(cfg: ExportConfig) -> Path:
         model = AutoModelForCausalLM.from_config(model_config(run_dir, run_cfg, tokenizer), dtype=torch.float32)
         load_weights(model, weights, ckpt)
         save_hf(model.to(DTYPES[cfg.dtype]), tokenizer, out)
-    note = " (adapter only; --merge_lora writes a full model)" if any(".lora_A." in k for k in weights) and not cfg.merge_lora else ""
+    note = (" (adapter only; --merge_lora writes a full model)"
+            if any(".lora_A." in k for k in weights) and not cfg.merge_lora else "")
     print(f"exported {ckpt}{' (ZeRO)' if is_zero_checkpoint(ckpt) else ''} -> {out}{note}")
     return out

@@ -7,8 +7,6 @@ causal mask). Only the trained model counts: not a DPO reference or a distillati
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 # Dense peak TFLOP/s per GPU by (name fragment, precision), from the vendors' data sheets (SXM parts;
@@ -49,7 +47,7 @@ def train_flops_per_token(config, row_length: int, trainable_fraction: float = 1
     return (4 + 2 * trainable_fraction) * params + attention
 
 
-def device_peak_flops(precision: str, override_tflops: Optional[float] = None) -> Optional[float]:
+def device_peak_flops(precision: str, override_tflops: float | None = None) -> float | None:
     """Peak FLOP/s of one device for `precision` (bf16, fp16, fp32): the override, else the table's
     entry for this GPU; None when unknown (CPUs, unlisted GPUs)."""
     if override_tflops:

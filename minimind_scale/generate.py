@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -32,15 +32,16 @@ class ChatConfig(StrictConfig):
     Interactive mode keeps the conversation; type /reset to forget it and /exit (or Ctrl-D) to quit."""
 
     model: str = Field(..., description="Hugging Face model directory (e.g. out/full_sft/final)")
-    adapter: Optional[str] = Field(None, description="a LoRA (peft) adapter directory to apply on top of the model")
-    system: Optional[str] = Field(None, description="system prompt opening every conversation")
-    prompt: Optional[str] = Field(None, description="answer this once and exit (no interactive loop)")
+    adapter: str | None = Field(None, description="a LoRA (peft) adapter directory to apply on top of the model")
+    system: str | None = Field(None, description="system prompt opening every conversation")
+    prompt: str | None = Field(None, description="answer this once and exit (no interactive loop)")
     max_new_tokens: int = Field(256, ge=1, description="longest answer in tokens")
     temperature: float = Field(0.7, ge=0, description="sampling temperature (0: greedy decoding)")
     top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling mass")
-    seed: Optional[int] = Field(None, description="seed for reproducible sampling")
+    seed: int | None = Field(None, description="seed for reproducible sampling")
     think: bool = Field(False, description="let the model reason first (open_thinking) and show the reasoning")
-    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="weights dtype: auto = bf16 on a GPU that supports it, else fp32")
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="weights dtype: auto = bf16 on a GPU that supports it, else fp32")
 
 
 def strip_empty_think(text: str) -> str:
@@ -57,7 +58,7 @@ class ChatStreamer(TextStreamer):
     def __init__(self, tokenizer, hide_empty_think: bool = True, **kwargs):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, **kwargs)
         self.hide_empty_think = hide_empty_think
-        self._pending: Optional[str] = "" if hide_empty_think else None
+        self._pending: str | None = "" if hide_empty_think else None
 
     def on_finalized_text(self, text: str, stream_end: bool = False):
         if self._pending is not None:
@@ -94,7 +95,7 @@ def pick_dtype(dtype: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load_chat_model(model_dir: str, adapter: Optional[str] = None, dtype: str = "auto"):
+def load_chat_model(model_dir: str, adapter: str | None = None, dtype: str = "auto"):
     """(model, tokenizer) ready for generation, on the GPU when there is one."""
     from transformers import AutoModelForCausalLM
 
@@ -122,8 +123,8 @@ def load_chat_model(model_dir: str, adapter: Optional[str] = None, dtype: str = 
 
 @torch.inference_mode()
 def answer(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.7,
-           top_p: float = 0.9, think: bool = False, seed: Optional[int] = None,
-           streamer: Optional[TextStreamer] = None) -> str:
+           top_p: float = 0.9, think: bool = False, seed: int | None = None,
+           streamer: TextStreamer | None = None) -> str:
     """The model's reply to `messages` (role/content dicts ending with a user turn).
 
     With `think` the reply starts with the reasoning, "<think>\\n...\\n</think>\\n\\n", which is also

@@ -1,15 +1,14 @@
 """import-minimind: a MiniMind `*.pth` state dict -> a Hugging Face model directory (Qwen3 / Qwen3-MoE).
 
-MiniMind's key names are Qwen3's (DESIGN §2), so a dense checkpoint only needs its config inferred
-from the shapes. MoE checkpoints hold one set of SwiGLU weights per expert, while transformers'
-Qwen3MoeForCausalLM holds them fused: gate_up_proj [E, 2·inter, hidden] (each expert's gate rows,
-then its up rows) and down_proj [E, hidden, inter].
+MiniMind's key names are Qwen3's (model.layers.N.self_attn.q_proj, ...), so a dense checkpoint only
+needs its config inferred from the shapes. MoE checkpoints hold one set of SwiGLU weights per expert,
+while transformers' Qwen3MoeForCausalLM holds them fused: gate_up_proj [E, 2·inter, hidden] (each
+expert's gate rows, then its up rows) and down_proj [E, hidden, inter].
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
 
 import torch
 from pydantic import Field
@@ -31,7 +30,8 @@ class ImportMinimindConfig(StrictConfig):
 
     weights: str = Field(..., description="the MiniMind .pth file")
     out_dir: str = Field(..., description="where the Hugging Face model directory is written")
-    tokenizer: Optional[str] = Field(None, description="tokenizer directory (default: the shipped one, if its vocabulary matches the embedding)")
+    tokenizer: str | None = Field(None, description="tokenizer directory (default: the shipped one, if its vocabulary "
+                                                    "matches the embedding)")
     moe: bool = Field(False, description="require a MoE checkpoint (experts are detected from the shapes either way)")
 
 
@@ -135,7 +135,8 @@ def check_layout(sd: dict[str, torch.Tensor], c: dict, path: str) -> bool:
     extra = [k for k in sd if k not in shapes and k != "lm_head.weight" and not k.split(".")[-1].startswith("freqs_")]
     if extra:
         raise UserError(f"{path}: unexpected key '{extra[0]}' (shape {list(sd[extra[0]].shape)}) in a MiniMind "
-                        f"{'MoE' if c['experts'] else 'dense'} layout" + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
+                        f"{'MoE' if c['experts'] else 'dense'} layout"
+                        + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
     if "lm_head.weight" not in sd:
         return True
     head = sd["lm_head.weight"]
@@ -162,7 +163,8 @@ def to_transformers(sd: dict[str, torch.Tensor], c: dict) -> dict[str, torch.Ten
     for i in range(c["layers"]):
         p = f"model.layers.{i}.mlp.experts."
         E = range(c["experts"])
-        out[p + "gate_up_proj"] = torch.stack([torch.cat([sd[f"{p}{e}.gate_proj.weight"], sd[f"{p}{e}.up_proj.weight"]], 0) for e in E])
+        out[p + "gate_up_proj"] = torch.stack(
+            [torch.cat([sd[f"{p}{e}.gate_proj.weight"], sd[f"{p}{e}.up_proj.weight"]], 0) for e in E])
         out[p + "down_proj"] = torch.stack([sd[f"{p}{e}.down_proj.weight"] for e in E])
     return out
 
@@ -187,7 +189,7 @@ def build_hf_config(c: dict, tokenizer, tied: bool, dtype: torch.dtype):
     return cfg
 
 
-def choose_tokenizer(path: Optional[str], vocab: int):
+def choose_tokenizer(path: str | None, vocab: int):
     from .models import DEFAULT_TOKENIZER, load_tokenizer
 
     tok = load_tokenizer(path)
@@ -208,7 +210,8 @@ def run(cfg: ImportMinimindConfig) -> Path:
     sd = load_state_dict(cfg.weights)
     c = infer_config(sd, cfg.weights)
     if cfg.moe and not c["experts"]:
-        raise UserError(f"{cfg.weights}: --moe given but the weights are dense (no 'model.layers.0.mlp.gate.weight' router)")
+        raise UserError(f"{cfg.weights}: --moe given but the weights are dense "
+                        "(no 'model.layers.0.mlp.gate.weight' router)")
     tied = check_layout(sd, c, cfg.weights)
     tokenizer = choose_tokenizer(cfg.tokenizer, c["vocab"])
     dtypes = {v.dtype for k, v in sd.items() if not k.split(".")[-1].startswith("freqs_")}

@@ -1,7 +1,7 @@
 """Loss building blocks shared by stages. Plain functions on tensors: no engine, no accelerator.
 
 Losses are returned as SUMS over their units (tokens, or pairs); the engine divides by the unit
-count of the whole optimizer step across micro-batches and ranks (DESIGN §7).
+count of the whole optimizer step across micro-batches and ranks (docs/architecture.md, "Loss normalisation").
 """
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from .batching import forward_kwargs, unwrap_config
+from .rows import IGNORE_INDEX
 
 
 @dataclass
 class LossOutput:
     loss_sum: torch.Tensor
-    # Extra metrics as sums over the same units; the engine reports sum / units.
+    # Extra metrics as sums; the engine reports each sum over the step divided by the step's loss
+    # units, or by the summed count in `metric_units` for a metric with its own denominator (a
+    # per-token KL in a loss whose units are completions).
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metric_units: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -45,24 +49,6 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return picked * mask, mask
 
 
-# Sample boundaries of packed rows, for varlen attention kernels (see attention.py).
-VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-# Kernels that keep packed samples apart with the mask transformers derives from position ids.
-MASK_BASED_ATTENTION = ("sdpa", "eager", "flex_attention")
-
-
-def forward_kwargs(batch: dict, model=None) -> dict:
-    """The model inputs of a batch; `use_cache=False` also keeps packed samples from attending to each other.
-    A packed batch's sample boundaries go to every attention kernel that is not mask-based."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
-    if "position_ids" in batch:
-        kwargs["position_ids"] = batch["position_ids"]
-        config = unwrap_config(model) if model is not None else None
-        if getattr(config, "_attn_implementation", None) not in MASK_BASED_ATTENTION:
-            kwargs.update({k: batch[k] for k in VARLEN_KEYS if k in batch})
-    return kwargs
-
-
 def forward_logits(model, batch: dict):
     """One forward pass."""
     return model(**forward_kwargs(batch, model))
@@ -84,7 +70,7 @@ def forward_loss_sum(model, batch: dict, cfg):
 
 def causal_lm_loss(model, batch: dict, cfg=None, ctx=None) -> LossOutput:
     """Next-token cross-entropy summed over loss-bearing tokens; an MoE model's router loss joins it."""
-    if getattr(cfg, "cross_entropy", "full") != "full":
+    if cfg is not None and cfg.cross_entropy != "full":
         out = forward_loss_sum(model, batch, cfg)
         loss_sum = out.loss
     else:
@@ -100,9 +86,3 @@ def causal_lm_loss(model, batch: dict, cfg=None, ctx=None) -> LossOutput:
         loss_sum = loss_sum + coef * aux * n
         metrics["aux_loss"] = aux.detach() * n
     return LossOutput(loss_sum, metrics)
-
-
-def unwrap_config(model):
-    while not hasattr(model, "config") and hasattr(model, "module"):
-        model = model.module
-    return getattr(model, "config", None)

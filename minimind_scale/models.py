@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import torch
 from transformers import (
@@ -36,8 +35,8 @@ def minimind_intermediate_size(hidden: int) -> int:
     return math.ceil(hidden * math.pi / 64) * 64
 
 
-def preset_config(name: str, vocab_size: int, tokenizer: PreTrainedTokenizerBase, hidden: Optional[int] = None,
-                  layers: Optional[int] = None) -> Qwen3Config | Qwen3MoeConfig:
+def preset_config(name: str, vocab_size: int, tokenizer: PreTrainedTokenizerBase, hidden: int | None = None,
+                  layers: int | None = None) -> Qwen3Config | Qwen3MoeConfig:
     p = dict(PRESETS[name])
     hidden = hidden or p["hidden"]
     if hidden % QUERY_HEADS:
@@ -70,7 +69,7 @@ def preset_config(name: str, vocab_size: int, tokenizer: PreTrainedTokenizerBase
     return cfg
 
 
-def load_tokenizer(path: Optional[str], model: Optional[str] = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | None, model: str | None = None) -> PreTrainedTokenizerBase:
     """The given tokenizer, else the starting model's own, else the one shipped with the package."""
     if path is None and model is not None and (Path(model) / "tokenizer_config.json").is_file():
         path = model
@@ -92,7 +91,7 @@ def is_model_dir(model: str) -> bool:
     return (Path(model) / "config.json").is_file()
 
 
-def check_model_source(model: str, hidden_size: Optional[int] = None, num_hidden_layers: Optional[int] = None) -> None:
+def check_model_source(model: str, hidden_size: int | None = None, num_hidden_layers: int | None = None) -> None:
     """Fail before any data work when --model names nothing usable."""
     if model in PRESETS:
         return
@@ -102,11 +101,12 @@ def check_model_source(model: str, hidden_size: Optional[int] = None, num_hidden
         raise UserError(f"model '{model}' is neither a preset{did_you_mean(model, PRESETS)} ({', '.join(PRESETS)}) "
                         "nor a directory with config.json")
     if hidden_size or num_hidden_layers:
-        raise UserError("hidden_size / num_hidden_layers only apply when starting from a preset, not from a model directory")
+        raise UserError("hidden_size / num_hidden_layers only apply when starting from a preset, "
+                        "not from a model directory")
 
 
-def build_model(model: str, tokenizer: PreTrainedTokenizerBase, hidden_size: Optional[int] = None,
-                num_hidden_layers: Optional[int] = None) -> PreTrainedModel:
+def build_model(model: str, tokenizer: PreTrainedTokenizerBase, hidden_size: int | None = None,
+                num_hidden_layers: int | None = None) -> PreTrainedModel:
     """A fresh model from a preset (vocab follows the tokenizer) or a pretrained HF directory."""
     if model in PRESETS:
         cfg = preset_config(model, len(tokenizer), tokenizer, hidden_size, num_hidden_layers)
@@ -114,7 +114,8 @@ def build_model(model: str, tokenizer: PreTrainedTokenizerBase, hidden_size: Opt
     check_model_source(model, hidden_size, num_hidden_layers)
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     if m.get_input_embeddings().num_embeddings < len(tokenizer):
-        raise UserError(f"{model}: its vocabulary ({m.get_input_embeddings().num_embeddings}) is smaller than the tokenizer's ({len(tokenizer)})")
+        raise UserError(f"{model}: its vocabulary ({m.get_input_embeddings().num_embeddings}) is smaller than "
+                        f"the tokenizer's ({len(tokenizer)})")
     return m
 
 

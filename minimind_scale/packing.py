@@ -4,11 +4,11 @@ Rows are planned by best-fit decreasing from the length column alone (one int pe
 materialised by ``datasets.map`` over a small data set of bins (each row: the sample indices it
 holds), so the token data never has to fit in memory at once.
 
-The loss is unchanged by packing (DESIGN §7): transformers derives a block-diagonal causal mask from
-position ids that restart at 0 when the forward has no attention mask and no cache, and the first
-label of every sample after the first in a row is set to -100 — unpacked, that token is never a
-prediction target (nothing precedes it), while packed it would be "predicted" from the end of the
-previous sample.
+The loss is unchanged by packing (docs/architecture.md, "Packing isolation"): transformers derives a
+block-diagonal causal mask from position ids that restart at 0 when the forward has no attention
+mask and no cache, and the first label of every sample after the first in a row is set to -100 —
+unpacked, that token is never a prediction target (nothing precedes it), while packed it would be
+"predicted" from the end of the previous sample.
 """
 from __future__ import annotations
 
@@ -16,16 +16,18 @@ import bisect
 import json
 import os
 import shutil
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import datasets
 import numpy as np
 import pyarrow as pa
 
-from .data import IGNORE_INDEX, datasets_progress, row_lengths, save_to_cache
+from .datacache import datasets_progress, save_to_cache
+from .errors import UserError
+from .publish import fresh_dir, publish_once
+from .rows import IGNORE_INDEX, row_lengths
 
 PACKED_COLUMNS = ("input_ids", "labels", "position_ids")
 REPORT_FILE = "packing_report.json"
@@ -146,7 +148,7 @@ class _FileRows:
         self.first_rows, self.num_rows = np.asarray(first_rows, dtype=np.int64), row
 
     @classmethod
-    def of(cls, dataset: datasets.Dataset) -> Optional["_FileRows"]:
+    def of(cls, dataset: datasets.Dataset) -> _FileRows | None:
         """A reader for `dataset` when its rows are exactly those of its Arrow files, in order; else None."""
         files = [f["filename"] for f in dataset.cache_files]
         if not files or dataset._indices is not None:
@@ -169,7 +171,8 @@ class _FileRows:
             local = i - int(self.first_rows[b])
             for c, start, offsets in zip(self.columns, at, self.offsets[b]):
                 lo, hi = int(offsets[local]), int(offsets[local + 1])
-                out[c].append(np.frombuffer(os.pread(self._fds[k], 4 * (hi - lo), start + 4 * lo), dtype="<i4").tolist())
+                out[c].append(np.frombuffer(os.pread(self._fds[k], 4 * (hi - lo), start + 4 * lo),
+                                            dtype="<i4").tolist())
         return out
 
     def __getstate__(self):
@@ -181,7 +184,7 @@ class _FileRows:
 
 
 def pack_dataset(dataset: datasets.Dataset, max_seq_len: int, num_proc: int = 1,
-                 cache_file: Optional[str] = None) -> tuple[datasets.Dataset, PackingReport]:
+                 cache_file: str | None = None) -> tuple[datasets.Dataset, PackingReport]:
     """`dataset` (columns input_ids, labels) packed into rows of at most `max_seq_len` tokens.
 
     `cache_file`: where the packed rows are written; without it they are built in memory.
@@ -193,8 +196,8 @@ def pack_dataset(dataset: datasets.Dataset, max_seq_len: int, num_proc: int = 1,
     lengths = row_lengths(dataset)
     bins = best_fit_decreasing(lengths, max_seq_len)
     n_rows = len(bins)
-    plan = datasets.Dataset.from_dict({"members": bins},
-                                      features=datasets.Features({"members": datasets.Sequence(datasets.Value("int64"))}))
+    plan = datasets.Dataset.from_dict(
+        {"members": bins}, features=datasets.Features({"members": datasets.Sequence(datasets.Value("int64"))}))
     del bins  # forked workers would each count these Python lists again
     features = datasets.Features({c: datasets.Sequence(datasets.Value("int32")) for c in PACKED_COLUMNS})
     num_proc = max(1, min(num_proc, n_rows // 2000))
@@ -210,49 +213,26 @@ def pack_dataset(dataset: datasets.Dataset, max_seq_len: int, num_proc: int = 1,
 def prepare_packed(spec, cfg, unpacked_dir: Path, is_local_main: bool = True, log=print) -> datasets.Dataset:
     """The packed variant of the cached data set in `unpacked_dir`, cached beside it as `<dir>-packed`.
 
-    Built once under a temporary name, then renamed, like the unpacked cache; other local ranks wait
-    for it on the file system.
+    Built once, like the unpacked cache; other local ranks wait for it on the file system.
     """
-    from .errors import UserError
-
     target = unpacked_dir.with_name(unpacked_dir.name + "-packed")
-    failed = target.with_name(target.name + ".failed")
-    done = target / REPORT_FILE
-    if not done.is_file():
-        if is_local_main:
-            failed.unlink(missing_ok=True)
-            try:
-                _build_packed(spec, cfg, unpacked_dir, target)
-            except BaseException as e:
-                failed.write_text(f"packing {unpacked_dir} failed: {type(e).__name__}: {e}")
-                if isinstance(e, ValueError):
-                    raise UserError(f"stage '{spec.name}': {e}") from None
-                raise
-        else:
-            while not done.is_file():
-                if failed.is_file():
-                    raise UserError(failed.read_text())
-                time.sleep(1.0)
-    report = PackingReport(**json.loads(done.read_text()))
+    publish_once(target, lambda staging: _build_packed(spec, cfg, unpacked_dir, staging),
+                 is_complete=lambda t: (t / REPORT_FILE).is_file(), builder=is_local_main)
+    report = PackingReport(**json.loads((target / REPORT_FILE).read_text()))
     log(f"{report.summary()} -> {target}")
     return datasets.load_from_disk(str(target))
 
 
-def _build_packed(spec, cfg, unpacked_dir: Path, target: Path) -> None:
-    work = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+def _build_packed(spec, cfg, unpacked_dir: Path, staging: Path) -> None:
+    scratch = fresh_dir(staging.with_name(staging.name + "-work"))
     try:
         source = datasets.load_from_disk(str(unpacked_dir))
         with datasets_progress(True):
-            packed, report = pack_dataset(source, cfg.max_seq_len, cfg.num_proc, cache_file=str(work / "rows.arrow"))
+            packed, report = pack_dataset(source, cfg.max_seq_len, cfg.num_proc, cache_file=str(scratch / "rows.arrow"))
         with datasets_progress(False):
-            save_to_cache(packed, work / "final")
-        (work / "final" / REPORT_FILE).write_text(json.dumps(report.__dict__, indent=1))
-        try:
-            os.rename(work / "final", target)
-        except OSError:
-            if not (target / REPORT_FILE).is_file():  # not a concurrent writer that got there first
-                raise
+            save_to_cache(packed, staging)
+        (staging / REPORT_FILE).write_text(json.dumps(report.__dict__, indent=1))
+    except ValueError as e:  # a sample longer than the row, or columns that cannot be packed
+        raise UserError(f"stage '{spec.name}': {e}") from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 from pydantic import Field
 
@@ -18,7 +17,7 @@ class PlotConfig(StrictConfig):
     (several runs are overlaid, labelled with their directory names)."""
 
     out_dir: list[str] = Field(..., description="one or more run directories holding metrics.jsonl")
-    save: Optional[str] = Field(None, description="PNG path (default: loss.png in the first run directory)")
+    save: str | None = Field(None, description="PNG path (default: loss.png in the first run directory)")
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -50,7 +49,7 @@ def run(cfg: PlotConfig) -> Path:
 
     fig, axes = plt.subplots(len(PANELS), 1, figsize=(8, 9), sharex=True)
     labels = _labels([d for d, _ in runs])
-    for (run_dir, rows), label in zip(runs, labels):
+    for (_, rows), label in zip(runs, labels):
         for ax, (key, _) in zip(axes, PANELS):
             points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if points:

@@ -10,15 +10,18 @@ A plugin file registers its stage by calling ``register_stage(StageSpec(...))``.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from .config import TrainConfig
+from .context import StageState
 from .errors import UserError
 
 ENTRY_POINT_GROUP = "minimind_scale.stages"
@@ -35,11 +38,33 @@ class StageSpec(BaseModel):
         (tokens for language modelling, pairs for preference losses) plus metric sums.
     loss_units(batch) -> int: how many units the batch's loss sums over; the engine uses it to
         normalise an optimizer step over every micro-batch and rank.
+    build_model(cfg, tokenizer) -> model: optional; the model to train, built whole (default: a causal
+        LM from `cfg.model`, a preset or a Hugging Face directory). A reward model or a critic is a
+        different transformers class on the same backbone.
     setup(model, cfg, ctx) -> model: optional changes after loading (adapters, frozen parts,
-        auxiliary models stored in ctx).
+        auxiliary models kept in ctx.state).
+    rollout(model, batches, cfg, ctx) -> list of micro-batches: optional. Where an optimizer step's
+        micro-batches come from when the stage makes them itself (generate, score, then train): it
+        gets the collated loader batches of one step on this process and returns the micro-batches
+        to train on. The engine runs it without gradients, in eval mode, on the unwrapped model (its
+        parameters gathered under ZeRO-3), and normalises the loss over what it returned. It returns a
+        list of micro-batches or a context.Rollout (micro-batches plus metrics of its own).
+    steps_per_rollout(cfg) -> int: optional; how many optimizer steps train on one rollout (GRPO's
+        num_iterations). Checkpoints and stops wait for the last of them, so a resumed run never
+        needs a rollout it did not save.
     finalize(model, tokenizer, final_dir, cfg, ctx): optional extra outputs after final/ is written,
         on the main process (e.g. a merged copy of an adapter model).
-    packable: whether rows may be packed (every column is per-token and aligned with input_ids).
+    state: the class of the stage's own state (a context.StageState), created once per run as ctx.state.
+
+    Capabilities: options the engine applies only where the stage declares it can honour them; a run
+    that sets one for a stage that does not is refused before anything is loaded.
+    packable: rows may be packed (every column is per-token and aligned with input_ids).
+    fixed_length: collate pads to batching.padded_length(cfg), so `pad_to max_seq_len` applies (and
+        packed rows under `compile` get one shape).
+    cross_entropy_variants: the loss computes its next-token cross-entropy with losses.causal_lm_loss,
+        so `cross_entropy chunked|liger` applies.
+    row_index: rows reach collate with `_index`, their position in the data set (for per-row state
+        computed once, such as precomputed reference log-probabilities).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
@@ -51,12 +76,22 @@ class StageSpec(BaseModel):
     collate: Callable[..., dict]
     loss: Callable[..., Any]
     loss_units: Callable[[dict], Any]
-    setup: Optional[Callable[..., Any]] = None
-    finalize: Optional[Callable[..., Any]] = None
+    build_model: Callable[..., Any] | None = None
+    setup: Callable[..., Any] | None = None
+    rollout: Callable[..., Any] | None = None
+    steps_per_rollout: Callable[..., int] | None = None
+    finalize: Callable[..., Any] | None = None
+    state: type[StageState] = StageState
     aliases: tuple[str, ...] = ()
     packable: bool = True
+    fixed_length: bool = False
+    cross_entropy_variants: bool = False
+    row_index: bool = False
     # Config fields that change the tokenised data; they join the cache key.
     data_fields: tuple[str, ...] = ()
+    # Columns of `encode`'s output that hold one value per row instead of token ids, with their
+    # datasets dtype: {"margin": "float32"}, {"prompt": "string"} (e.g. JSON text).
+    value_columns: dict[str, str] = {}
 
     @field_validator("config")
     @classmethod
@@ -64,6 +99,27 @@ class StageSpec(BaseModel):
         if not (isinstance(v, type) and issubclass(v, TrainConfig)):
             raise ValueError("config must be a subclass of minimind_scale.config.TrainConfig")
         return v
+
+    @field_validator("state")
+    @classmethod
+    def _state_extends_stage_state(cls, v):
+        if not (isinstance(v, type) and issubclass(v, StageState)):
+            raise ValueError("state must be a subclass of minimind_scale.StageState")
+        return v
+
+    def check_options(self, cfg) -> None:
+        """Refuse a config option this stage would not honour: silently ignoring it would train
+        something other than what was asked for."""
+        unsupported = [
+            (cfg.packing and not self.packable, "packing true", "its rows cannot be packed; set packing false"),
+            (cfg.pad_to != "longest" and not self.fixed_length, f"pad_to {cfg.pad_to}",
+             "its collate does not pad to a fixed length; use pad_to longest"),
+            (cfg.cross_entropy != "full" and not self.cross_entropy_variants, f"cross_entropy {cfg.cross_entropy}",
+             "its loss does not compute the next-token cross-entropy through causal_lm_loss; use cross_entropy full"),
+        ]
+        for refused, option, why in unsupported:
+            if refused:
+                raise UserError(f"stage '{self.name}' does not honour --{option}: {why}")
 
 
 _STAGES: dict[str, StageSpec] = {}
@@ -78,12 +134,20 @@ def register_stage(spec: StageSpec) -> StageSpec:
     existing = _STAGES.get(spec.name)
     if existing is not None and existing is not spec:
         # Importing one file twice (entry point + --plugin) gives an equal spec from a new module object.
-        if existing.config.__qualname__ != spec.config.__qualname__ or existing.encode.__module__ != spec.encode.__module__:
+        if (existing.config.__qualname__ != spec.config.__qualname__
+                or source_file(existing.encode) != source_file(spec.encode)):
             raise UserError(f"two different stages are named '{spec.name}'")
     _STAGES[spec.name] = spec
     for alias in spec.aliases:
         _ALIASES[alias] = spec.name
     return spec
+
+
+def source_file(fn) -> str | None:
+    try:
+        return str(Path(inspect.getsourcefile(fn)).resolve())
+    except (TypeError, OSError):
+        return getattr(fn, "__module__", None)
 
 
 def load_plugin_file(path: str) -> None:
@@ -104,7 +168,7 @@ def load_plugin_file(path: str) -> None:
         raise UserError(f"{path}: the plugin failed to load: {type(e).__name__}: {e}") from None
 
 
-def discover(plugin_files: Optional[list[str]] = None) -> None:
+def discover(plugin_files: list[str] | None = None) -> None:
     """Load entry-point stages once, then any plugin files (environment first, then arguments)."""
     global _discovered
     if not _discovered:
@@ -123,12 +187,13 @@ def get_stage(name: str) -> StageSpec:
     if name not in _STAGES:
         from .config import did_you_mean
 
-        raise UserError(f"unknown stage '{name}'{did_you_mean(name, all_names())}; stages: {', '.join(sorted(_STAGES))}")
+        raise UserError(f"unknown stage '{name}'{did_you_mean(name, all_names())}; "
+                        f"stages: {', '.join(sorted(_STAGES))}")
     return _STAGES[name]
 
 
 def stages() -> list[StageSpec]:
-    return [ _STAGES[k] for k in sorted(_STAGES) ]
+    return [_STAGES[k] for k in sorted(_STAGES)]
 
 
 def all_names() -> list[str]:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pydantic import Field
 
@@ -131,8 +131,13 @@ class TrainTokenizerConfig(StrictConfig):
         ..., min_length=1,
         description="jsonl files to learn from: `text` records and/or `conversations` / `messages` records",
     )
-    vocab_size: int = Field(6400, ge=64, description="target vocabulary size, reserved tokens included (BPE may stop earlier on a small corpus)")
-    out_dir: str = Field(..., description="directory the tokenizer is saved to (loads with AutoTokenizer.from_pretrained)")
+    vocab_size: int = Field(
+        6400, ge=64,
+        description="target vocabulary size, reserved tokens included (BPE may stop earlier on a small corpus)",
+    )
+    out_dir: str = Field(
+        ..., description="directory the tokenizer is saved to (loads with AutoTokenizer.from_pretrained)",
+    )
 
 
 def _record_texts(record: object) -> Iterator[str]:

@@ -7,17 +7,19 @@ the `<think>` / `</think>` tokens and of the first answer token, as MiniMind's r
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from minimind_scale import LossOutput, StageSpec, TrainConfig, register_stage
+from minimind_scale import LossOutput, StageSpec, StageState, TrainConfig, register_stage
+from minimind_scale.config import BatchSize, LearningRate, ModelSource, OutDir, Packing
 from minimind_scale.distillation import distillation_loss
 from minimind_scale.errors import UserError
 from minimind_scale.losses import count_label_tokens, forward_logits
 from minimind_scale.models import is_model_dir
+from minimind_scale.rows import IGNORE_INDEX
 from minimind_scale.stages.full_sft import collate, encode
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -28,21 +30,23 @@ class DistillConfig(TrainConfig):
     student is usually an SFT model already; raise it for a student from a preset), 512-token rows.
     A student started from a preset uses the teacher's tokenizer unless `tokenizer` is given."""
 
-    teacher: Optional[str] = Field(None, validate_default=True, description="(required) the teacher model directory; must share the student's vocabulary")
-    model: str = Field("minimind2-small", description="the student: a preset (from scratch) or a model directory")
-    packing: bool = Field(True, description="pack several samples into each max_seq_len row (best-fit decreasing); "
-                          "attention never crosses samples, so the loss is that of unpacked rows")
+    teacher: str | None = Field(None, validate_default=True, description="(required) the teacher model directory; "
+                                "must share the student's vocabulary")
+    model: ModelSource = Field("minimind2-small",
+                               description="the student: a preset (from scratch) or a model directory")
+    packing: Packing = True
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label CE; 1 - alpha goes to the KL term")
-    temperature: float = Field(1.5, gt=0, description="softmax temperature T of both models in the KL term (scaled by T²)")
-    delimiter_weight: float = Field(1.0, gt=0, description="CE weight of <think>, </think> and the first answer token (reasoning distillation; 1 = off)")
-    learning_rate: float = Field(1e-5, gt=0, description="peak learning rate")
-    batch_size: int = Field(16, ge=1, description="conversations per micro-batch per process")
-    max_seq_len: int = Field(512, ge=8, description="tokens per conversation; longer ones keep their prefix")
-    out_dir: str = Field("out/distill", description="where config.yaml, metrics.jsonl, checkpoints/ and final/ go")
+    temperature: float = Field(1.5, gt=0,
+                               description="softmax temperature T of both models in the KL term (scaled by T²)")
+    delimiter_weight: float = Field(1.0, gt=0, description="CE weight of <think>, </think> and the first answer token "
+                                    "(reasoning distillation; 1 = off)")
+    learning_rate: LearningRate = 1e-5
+    batch_size: BatchSize = 16
+    out_dir: OutDir = "out/distill"
 
     @field_validator("teacher")
     @classmethod
-    def _teacher_is_a_model(cls, v: Optional[str]) -> str:
+    def _teacher_is_a_model(cls, v: str | None) -> str:
         if v is None:
             raise ValueError("required: give --teacher DIR (a Hugging Face model directory)")
         if not is_model_dir(v):
@@ -59,6 +63,12 @@ class DistillConfig(TrainConfig):
             if not is_model_dir(str(model)) and (Path(data["teacher"]) / "tokenizer_config.json").is_file():
                 data = {**data, "tokenizer": data["teacher"]}
         return data
+
+
+@dataclass
+class DistillState(StageState):
+    teacher: torch.nn.Module | None = None   # frozen, a full replica on every rank
+    delimiters: tuple = (None, None, frozenset())  # see delimiter_ids
 
 
 def check_same_vocabulary(student, teacher, teacher_dir: str, tokenizer) -> None:
@@ -80,12 +90,12 @@ def setup(model, cfg, ctx):
     teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32)
     check_same_vocabulary(model, teacher, cfg.teacher, ctx.tokenizer)
     # A full replica on every rank (never prepared), also under ZeRO-3: fine at MiniMind's sizes.
-    ctx.teacher = teacher.eval().requires_grad_(False).to(ctx.accelerator.device)
-    ctx.delimiters = delimiter_ids(ctx.tokenizer)
+    ctx.state.teacher = teacher.eval().requires_grad_(False).to(ctx.accelerator.device)
+    ctx.state.delimiters = delimiter_ids(ctx.tokenizer)
     return model
 
 
-def delimiter_ids(tokenizer) -> tuple[Optional[int], Optional[int], set[int]]:
+def delimiter_ids(tokenizer) -> tuple[int | None, int | None, set[int]]:
     """(<think> id, </think> id, ids of whitespace-only tokens), None where a tag is not one token."""
     def single(text):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -111,16 +121,16 @@ def delimiter_weights(input_ids: torch.Tensor, labels: torch.Tensor, delimiters,
                 pos += 1
             if pos < input_ids.shape[1]:
                 w[row, pos] = weight
-    return torch.where(labels != -100, w, torch.ones_like(w))
+    return torch.where(labels != IGNORE_INDEX, w, torch.ones_like(w))
 
 
 def loss(model, batch: dict, cfg, ctx) -> LossOutput:
     student = forward_logits(model, batch).logits
     with torch.no_grad(), ctx.accelerator.autocast():
-        teacher = forward_logits(ctx.teacher, batch).logits
+        teacher = forward_logits(ctx.state.teacher, batch).logits
     weights = None
     if cfg.delimiter_weight != 1.0:
-        weights = delimiter_weights(batch["input_ids"], batch["labels"], ctx.delimiters, cfg.delimiter_weight)
+        weights = delimiter_weights(batch["input_ids"], batch["labels"], ctx.state.delimiters, cfg.delimiter_weight)
     total, ce, kd = distillation_loss(student, teacher, batch["labels"], cfg.alpha, cfg.temperature, weights)
     return LossOutput(total, {"ce_loss": ce.detach(), "kd_loss": kd.detach()})
 
@@ -134,4 +144,6 @@ SPEC = register_stage(StageSpec(
     loss=loss,
     loss_units=count_label_tokens,
     setup=setup,
+    state=DistillState,
+    fixed_length=True,
 ))

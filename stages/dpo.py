@@ -10,19 +10,23 @@ import gc
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import Field
 
-from minimind_scale import LossOutput, StageSpec, TrainConfig, register_stage
+from minimind_scale import LossOutput, StageSpec, StageState, TrainConfig, register_stage
+from minimind_scale.batching import pad_collate, padded_length
+from minimind_scale.config import BatchSize, LearningRate, MaxSeqLen, ModelSource, OutDir
 from minimind_scale.conversation import encode_chat, normalize_messages
-from minimind_scale.data import IGNORE_INDEX, NO_LOSS, file_fingerprint, pad_collate, padded_length
+from minimind_scale.datacache import file_fingerprint
 from minimind_scale.errors import RecordError, UserError
 from minimind_scale.losses import forward_logits
 from minimind_scale.models import is_model_dir
 from minimind_scale.preference import dpo_loss, sequence_logprobs
+from minimind_scale.rows import IGNORE_INDEX, NO_LOSS
 
 SIDES = ("chosen", "rejected")
 
@@ -32,17 +36,31 @@ class DPOConfig(TrainConfig):
     lr 1e-6: MiniMind goes down to 4e-8 for long runs on large preference sets; on small data a small
     model needs ~1e-6 to move at all, and DPO diverges quickly above ~1e-5."""
 
-    model: str = Field("out/full_sft/final", description="the policy's starting model (usually an SFT run's final/)")
-    ref_model: Optional[str] = Field(None, description="frozen reference model directory (default: a copy of the starting model)")
+    model: ModelSource = Field("out/full_sft/final",
+                               description="the policy's starting model (usually an SFT run's final/)")
+    ref_model: str | None = Field(None, description="frozen reference model directory (default: a copy of the "
+                                  "starting model)")
     beta: float = Field(0.15, gt=0, description="strength of the KL tie to the reference (DPO's beta)")
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="sigmoid = DPO, ipo = IPO, hinge = SLiC")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed rate of flipped preference labels (conservative DPO; sigmoid only)")
-    precompute_ref: bool = Field(False, description="compute the reference log-probs once before training (cached) and free the reference model")
-    learning_rate: float = Field(1e-6, gt=0, description="peak learning rate")
-    batch_size: int = Field(4, ge=1, description="preference pairs per micro-batch per process (2x rows: chosen + rejected)")
-    max_seq_len: int = Field(1024, ge=8, description="tokens per conversation; longer ones keep their prefix")
-    epochs: int = Field(1, ge=1, description="passes over the data (ignored when max_steps is set)")
-    out_dir: str = Field("out/dpo", description="where config.yaml, metrics.jsonl, checkpoints/ and final/ go")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid",
+                                                          description="sigmoid = DPO, ipo = IPO, hinge = SLiC")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed rate of flipped preference labels "
+                                   "(conservative DPO; sigmoid only)")
+    precompute_ref: bool = Field(False, description="compute the reference log-probs once before training (cached) "
+                                 "and free the reference model")
+    learning_rate: LearningRate = 1e-6
+    batch_size: BatchSize = Field(4, description="preference pairs per micro-batch per process (2x rows: chosen + "
+                                  "rejected)")
+    max_seq_len: MaxSeqLen = 1024
+    out_dir: OutDir = "out/dpo"
+
+
+@dataclass
+class DPOState(StageState):
+    """The frozen reference: a model scored on every batch, or with precompute_ref its log-probs for
+    every row ([rows, 2]: chosen, rejected), computed once in setup."""
+
+    ref_model: torch.nn.Module | None = None
+    ref_logps: torch.Tensor | None = None
 
 
 def encode(record: dict, tokenizer, cfg) -> dict:
@@ -65,7 +83,7 @@ def collate(rows, tokenizer, cfg):
     """Chosen rows first, then rejected, padded together: a pair can never be split across micro-batches."""
     sides = [{"input_ids": r[f"{s}_input_ids"], "labels": r[f"{s}_labels"]} for s in SIDES for r in rows]
     batch = pad_collate(sides, tokenizer.pad_token_id, padded_length(cfg))
-    if rows and "_index" in rows[0]:
+    if "_index" in rows[0]:  # absent when precompute_ref scores rows itself
         batch["_index"] = torch.tensor([r["_index"] for r in rows], dtype=torch.long)
     return batch
 
@@ -104,13 +122,13 @@ def load_reference(model, cfg, ctx):
     return ref.to(ctx.accelerator.device)
 
 
-def reference_cache_file(cfg, ctx) -> Optional[Path]:
+def reference_cache_file(cfg, ctx) -> Path | None:
     """Next to the tokenised data set (whose directory name already keys the data, tokenizer and
     max_seq_len), named by the reference weights and the precision; None when the reference is a
     preset's random initialisation, which is not worth caching."""
     source = cfg.ref_model or cfg.model
     weights = sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin"))
-    files = getattr(ctx.dataset, "cache_files", None)
+    files = ctx.dataset.cache_files
     if not is_model_dir(source) or not weights or not files:
         return None
     key = hashlib.sha256(json.dumps({
@@ -149,23 +167,23 @@ def precompute_reference(ref, cfg, ctx) -> torch.Tensor:
 def setup(model, cfg, ctx):
     acc = ctx.accelerator
     if not cfg.precompute_ref:
-        ctx.ref_model = load_reference(model, cfg, ctx)
+        ctx.state.ref_model = load_reference(model, cfg, ctx)
         return model
     cache = reference_cache_file(cfg, ctx)
     have = torch.tensor([float(cache is not None and cache.is_file())], device=acc.device)
     # Every rank must take the same branch, or the ranks that compute would wait forever in the gather.
     if float(acc.reduce(have, reduction="sum") if acc.num_processes > 1 else have) == acc.num_processes:
-        ctx.ref_logps = torch.load(cache)
+        ctx.state.ref_logps = torch.load(cache)
         if acc.is_main_process:
             print(f"[dpo] using cached reference log-probs {cache}")
         return model
     ref = load_reference(model, cfg, ctx)
-    ctx.ref_logps = precompute_reference(ref, cfg, ctx)
+    ctx.state.ref_logps = precompute_reference(ref, cfg, ctx)
     del ref
     gc.collect()
     if cache is not None and acc.is_local_main_process:
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        torch.save(ctx.ref_logps, tmp)
+        torch.save(ctx.state.ref_logps, tmp)
         os.replace(tmp, cache)
     return model
 
@@ -173,11 +191,11 @@ def setup(model, cfg, ctx):
 def loss(model, batch: dict, cfg, ctx) -> LossOutput:
     logps = sequence_logprobs(forward_logits(model, batch).logits, batch["labels"])
     policy_chosen, policy_rejected = split_pairs(logps)
-    if getattr(ctx, "ref_logps", None) is not None:
-        ref = ctx.ref_logps[batch["_index"].cpu()].to(logps.device)
+    if ctx.state.ref_logps is not None:
+        ref = ctx.state.ref_logps[batch["_index"].cpu()].to(logps.device)
         ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
     else:
-        ref_chosen, ref_rejected = split_pairs(reference_logps(ctx.ref_model, batch, ctx.accelerator))
+        ref_chosen, ref_rejected = split_pairs(reference_logps(ctx.state.ref_model, batch, ctx.accelerator))
     losses, rewards_chosen, rewards_rejected = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                                                         cfg.beta, cfg.loss_type, cfg.label_smoothing)
     metrics = {
@@ -200,5 +218,8 @@ SPEC = register_stage(StageSpec(
     loss=loss,
     loss_units=count_pairs,
     setup=setup,
+    state=DPOState,
     packable=False,
+    fixed_length=True,
+    row_index=True,
 ))

@@ -10,6 +10,7 @@ import torch
 from pydantic import Field, field_validator
 
 from minimind_scale import StageSpec, TrainConfig, register_stage
+from minimind_scale.config import BatchSize, Epochs, LearningRate, ModelSource, OutDir, Packing
 from minimind_scale.errors import UserError
 from minimind_scale.losses import causal_lm_loss, count_label_tokens
 from minimind_scale.models import PRESETS, save_hf
@@ -23,20 +24,20 @@ class LoraConfig(TrainConfig):
     alpha 16 (= 2·rank, a common scale of 2) and no dropout. Epochs 10 rather than MiniMind's 50:
     50 passes suit its 91-line identity set but overfit anything larger (set epochs for tiny sets)."""
 
-    model: str = Field("out/full_sft/final", description="the model directory to adapt (usually an SFT run's final/); not a preset")
-    packing: bool = Field(True, description="pack several samples into each max_seq_len row (best-fit decreasing); "
-                          "attention never crosses samples, so the loss is that of unpacked rows")
+    model: ModelSource = Field("out/full_sft/final", description="the model directory to adapt (usually an SFT "
+                               "run's final/); not a preset")
+    packing: Packing = True
     lora_rank: int = Field(8, ge=1, description="LoRA rank r")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: the update is (alpha / r)·B·A")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR),
-                                      description="module names that get an adapter (default: every attention and MLP projection)")
+                                      description="module names that get an adapter (default: every attention and "
+                                                  "MLP projection)")
     merge_lora: bool = Field(False, description="also write the base with the adapter merged in to final/merged/")
-    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
-    batch_size: int = Field(32, ge=1, description="conversations per micro-batch per process")
-    max_seq_len: int = Field(512, ge=8, description="tokens per conversation; longer ones keep their prefix")
-    epochs: int = Field(10, ge=1, description="passes over the data (ignored when max_steps is set)")
-    out_dir: str = Field("out/lora", description="where config.yaml, metrics.jsonl, checkpoints/ and final/ (the adapter) go")
+    learning_rate: LearningRate = 1e-4
+    batch_size: BatchSize = 32
+    epochs: Epochs = 10
+    out_dir: OutDir = "out/lora"
 
     @field_validator("model")
     @classmethod
@@ -86,4 +87,6 @@ SPEC = register_stage(StageSpec(
     loss_units=count_label_tokens,
     setup=setup,
     finalize=finalize,
+    fixed_length=True,
+    cross_entropy_variants=True,
 ))

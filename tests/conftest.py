@@ -12,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DEMO = REPO / "minimind_scale" / "assets" / "demo"
+FAULT_PLUGIN = REPO / "tests" / "plugins" / "fault_injection.py"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -21,9 +22,13 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared (real d
 
 
 def cli_env(cache: Path, **extra) -> dict:
+    """The environment of a CLI run; a MINIMIND_SCALE_TEST_* switch also loads the fault-injection plugin."""
     env = dict(os.environ)
     env.update(MINIMIND_SCALE_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
+    if any(k.startswith("MINIMIND_SCALE_TEST_") for k in extra):
+        plugins = [p for p in env.get("MINIMIND_SCALE_PLUGINS", "").split(os.pathsep) if p]
+        env["MINIMIND_SCALE_PLUGINS"] = os.pathsep.join(plugins + [str(FAULT_PLUGIN)])
     return env
 
 

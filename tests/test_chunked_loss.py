@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEMO, read_metrics, run_cli
+from minimind_scale.batching import pad_collate
 from minimind_scale.chunked_loss import enable_loss_forward
-from minimind_scale.data import pad_collate
 from minimind_scale.errors import UserError
 from minimind_scale.losses import causal_lm_loss
 from minimind_scale.models import build_model, load_tokenizer
@@ -86,7 +86,8 @@ def assert_same_gradients(ref_model, model) -> None:
         if not p.requires_grad:
             continue
         assert p.grad is not None and ref[name].grad is not None, name
-        torch.testing.assert_close(p.grad, ref[name].grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, ref[name].grad, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
         compared += 1
     assert compared > 0
 

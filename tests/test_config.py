@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 from pydantic import Field
@@ -175,12 +175,12 @@ class TestBuildConfig:
         msg = user_error(build_config, TrainConfig, flags, str(y))
         lines = msg.splitlines()
         assert len(lines) == 6, msg
-        assert any(f"{y}:2" in l and "batch_sise" in l and "did you mean 'batch_size'" in l for l in lines)
-        assert any(f"{y}:3" in l and "'dtype'" in l for l in lines)
-        assert any("learning_rat'" in l and "did you mean 'learning_rate'" in l for l in lines)
-        assert any("'batch_size'" in l and "abc" in l for l in lines)
-        assert any("'learning_rate'" in l and "greater than 0" in l for l in lines)
-        assert any("'warmup_steps'" in l for l in lines)
+        assert any(f"{y}:2" in ln and "batch_sise" in ln and "did you mean 'batch_size'" in ln for ln in lines)
+        assert any(f"{y}:3" in ln and "'dtype'" in ln for ln in lines)
+        assert any("learning_rat'" in ln and "did you mean 'learning_rate'" in ln for ln in lines)
+        assert any("'batch_size'" in ln and "abc" in ln for ln in lines)
+        assert any("'learning_rate'" in ln and "greater than 0" in ln for ln in lines)
+        assert any("'warmup_steps'" in ln for ln in lines)
 
     def test_yaml_unknown_key_names_file_and_line(self, tmp_path):
         y = write(tmp_path / "run.yaml", """
@@ -273,21 +273,21 @@ def test_describe_fields_lists_every_field_with_default():
     lines = text.splitlines()
     assert len(lines) == len(StageLikeConfig.model_fields)
     for name, field in StageLikeConfig.model_fields.items():
-        line = next((l for l in lines if l.split()[0] == f"--{name}"), None)
+        line = next((ln for ln in lines if ln.split()[0] == f"--{name}"), None)
         assert line is not None, f"--{name} missing from the help"
         default = field.default_factory() if field.default_factory is not None else field.default
         assert f"default {default!r}" in line, line
         if field.description:
             assert field.description in line
     # the stage's changed default, not the base class's
-    assert "default 16" in next(l for l in lines if l.split()[0] == "--batch_size")
-    assert "auto|bf16|fp16|fp32" in next(l for l in lines if l.split()[0] == "--dtype")
+    assert "default 16" in next(ln for ln in lines if ln.split()[0] == "--batch_size")
+    assert "auto|bf16|fp16|fp32" in next(ln for ln in lines if ln.split()[0] == "--dtype")
 
 
 def test_describe_fields_of_a_small_config():
     class Tool(StrictConfig):
         mode: Literal["a", "b"] = Field("a", description="which mode")
-        count: Optional[int] = Field(None, description="how many")
+        count: int | None = Field(None, description="how many")
 
     text = describe_fields(Tool)
     assert "--mode" in text and "a|b" in text and "which mode" in text
@@ -321,7 +321,7 @@ def test_saved_config_reruns_with_overrides(tmp_path):
 
 def test_validate_assignment():
     cfg = TrainConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017
         cfg.batch_size = 0
     cfg.plugin = ["x.py"]
     assert cfg.plugin == ["x.py"]

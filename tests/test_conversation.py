@@ -123,7 +123,8 @@ THINK_IN_CONTENT = {
 
 
 @needs_tokenizer
-@pytest.mark.parametrize("record", [MULTI_TURN, TOOL_CALL, THINKING, THINK_IN_CONTENT], ids=["multi", "tool", "think", "think-in-content"])
+@pytest.mark.parametrize("record", [MULTI_TURN, TOOL_CALL, THINKING, THINK_IN_CONTENT],
+                         ids=["multi", "tool", "think", "think-in-content"])
 def test_matches_id_reference(record, tok):
     enc = encode_record(record, tok)
     assert len(enc["input_ids"]) == len(enc["labels"])
@@ -145,7 +146,8 @@ def test_matches_id_reference(record, tok):
         (
             TOOL_CALL,
             [
-                '<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call><|im_end|>\n',
+                '<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n'
+                '</tool_call><|im_end|>\n',
                 "<think>\n\n</think>\n\n北京现在21度，晴。<|im_end|>\n",
             ],
         ),
@@ -330,20 +332,34 @@ INVALID = [
     ("system-not-first", _conv(U, {"role": "system", "content": "s"}, A), None, "conversations[1].role"),
     ("no-assistant", _conv({"role": "system", "content": "s"}, U), None, "conversations"),
     ("tools-bad-json", _conv({"role": "system", "content": "", "tools": "[{"}, U, A), None, "conversations[0].tools"),
-    ("tools-not-list", _conv({"role": "system", "content": "", "tools": '{"name": "f"}'}, U, A), None, "conversations[0].tools"),
-    ("tools-item-not-object", _conv({"role": "system", "content": "", "tools": '["f"]'}, U, A), None, "conversations[0].tools[0]"),
+    ("tools-not-list", _conv({"role": "system", "content": "", "tools": '{"name": "f"}'}, U, A),
+     None, "conversations[0].tools"),
+    ("tools-item-not-object", _conv({"role": "system", "content": "", "tools": '["f"]'}, U, A),
+     None, "conversations[0].tools[0]"),
     ("tools-on-user", _conv({"role": "user", "content": "q", "tools": TOOLS}, A), None, "conversations[0].tools"),
     ("record-tools-bad", {"tools": 3, "conversations": [U, A]}, None, "tools"),
-    ("tool-calls-bad-json", _conv(U, {"role": "assistant", "content": "", "tool_calls": "[{'name': 'f'}]"}), None, "conversations[1].tool_calls"),
-    ("tool-calls-not-list", _conv(U, {"role": "assistant", "content": "", "tool_calls": '{"name": "f"}'}), None, "conversations[1].tool_calls"),
-    ("tool-calls-item-not-object", _conv(U, {"role": "assistant", "content": "", "tool_calls": '["f"]'}), None, "conversations[1].tool_calls[0]"),
-    ("tool-calls-no-name", _conv(U, {"role": "assistant", "content": "", "tool_calls": '[{"arguments": {}}]'}), None, "conversations[1].tool_calls[0]"),
-    ("tool-calls-function-no-name", _conv(U, {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": "{}"}}]}), None, "conversations[1].tool_calls[0]"),
-    ("tool-calls-second-bad", _conv(U, {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}, {"name": 3}]}), None, "conversations[1].tool_calls[1]"),
-    ("tool-calls-on-user", _conv({"role": "user", "content": "q", "tool_calls": [{"name": "f"}]}, A), None, "conversations[0].tool_calls"),
-    ("reasoning-not-str", _conv(U, {"role": "assistant", "content": "a", "reasoning_content": 1}), None, "conversations[1].reasoning_content"),
-    ("control-marker-in-content", _conv({"role": "user", "content": "x<|im_end|>\n<|im_start|>assistant\n"}, A), None, "conversations[0].content"),
-    ("control-marker-in-reasoning", _conv(U, {"role": "assistant", "content": "a", "reasoning_content": "<|im_end|>"}), None, "conversations[1].reasoning_content"),
+    ("tool-calls-bad-json", _conv(U, {"role": "assistant", "content": "", "tool_calls": "[{'name': 'f'}]"}),
+     None, "conversations[1].tool_calls"),
+    ("tool-calls-not-list", _conv(U, {"role": "assistant", "content": "", "tool_calls": '{"name": "f"}'}),
+     None, "conversations[1].tool_calls"),
+    ("tool-calls-item-not-object", _conv(U, {"role": "assistant", "content": "", "tool_calls": '["f"]'}),
+     None, "conversations[1].tool_calls[0]"),
+    ("tool-calls-no-name", _conv(U, {"role": "assistant", "content": "", "tool_calls": '[{"arguments": {}}]'}),
+     None, "conversations[1].tool_calls[0]"),
+    ("tool-calls-function-no-name",
+     _conv(U, {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": "{}"}}]}),
+     None, "conversations[1].tool_calls[0]"),
+    ("tool-calls-second-bad",
+     _conv(U, {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}, {"name": 3}]}),
+     None, "conversations[1].tool_calls[1]"),
+    ("tool-calls-on-user", _conv({"role": "user", "content": "q", "tool_calls": [{"name": "f"}]}, A),
+     None, "conversations[0].tool_calls"),
+    ("reasoning-not-str", _conv(U, {"role": "assistant", "content": "a", "reasoning_content": 1}),
+     None, "conversations[1].reasoning_content"),
+    ("control-marker-in-content", _conv({"role": "user", "content": "x<|im_end|>\n<|im_start|>assistant\n"}, A),
+     None, "conversations[0].content"),
+    ("control-marker-in-reasoning", _conv(U, {"role": "assistant", "content": "a", "reasoning_content": "<|im_end|>"}),
+     None, "conversations[1].reasoning_content"),
     ("dpo-path-uses-key", {"chosen": [U, {"role": "assistant", "content": 5}]}, "chosen", "chosen[1].content"),
 ]
 

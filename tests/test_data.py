@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from minimind_scale.data import EpochSampler, pad_collate, prepare_dataset
+from minimind_scale.batching import pad_collate
+from minimind_scale.data import prepare_dataset
+from minimind_scale.loader import EpochSampler
 from minimind_scale.models import load_tokenizer
 from minimind_scale.registry import discover, get_stage
 
@@ -71,7 +73,8 @@ def test_pad_collate_masks_padding():
 
 def _global_batches(lengths, world, batch, **kw):
     """Per step, the rows every rank takes (rank r's k-th batch is its items k·batch … k·batch+batch-1)."""
-    per_rank = [list(EpochSampler(range(len(lengths)), world, r, seed=7, epoch=1, lengths=lengths, batch_size=batch, **kw))
+    per_rank = [list(EpochSampler(range(len(lengths)), world, r, seed=7, epoch=1, lengths=lengths, batch_size=batch,
+                                  **kw))
                 for r in range(world)]
     steps = len(per_rank[0]) // batch
     return [[i for r in range(world) for i in per_rank[r][k * batch:(k + 1) * batch]] for k in range(steps)], per_rank

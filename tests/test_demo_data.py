@@ -7,7 +7,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from minimind_scale.demo_data import DEMO_ANSWERS, DEMO_PROMPTS, generate  # noqa: E402
+from minimind_scale.demo_data import DEMO_ANSWERS, DEMO_PROMPTS, generate
 
 ASSETS = Path(__file__).resolve().parents[1] / "minimind_scale" / "assets" / "demo"
 
@@ -29,9 +29,10 @@ def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
 
 def test_committed_assets_are_current(tmp_path):
     fresh = generate(tmp_path, seed=0)
-    for key, path in fresh.items():
+    for path in fresh.values():
         committed = ASSETS / path.name
-        assert committed.read_bytes() == path.read_bytes(), f"{committed} is stale: run python -m minimind_scale.demo_data"
+        assert committed.read_bytes() == path.read_bytes(), \
+            f"{committed} is stale: run python -m minimind_scale.demo_data"
 
 
 def test_records_are_valid_and_small():

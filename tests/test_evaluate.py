@@ -14,12 +14,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minimind_scale.errors import UserError  # noqa: E402
-from minimind_scale.evaluate import EvalConfig, detect_stage, run  # noqa: E402
+from minimind_scale.errors import UserError
+from minimind_scale.evaluate import EvalConfig, detect_stage, run
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "minimind_scale" / "assets" / "demo"
@@ -85,7 +85,8 @@ def _sft_ids_labels(tokenizer, record: dict, max_len: int) -> tuple[list[int], l
 
 
 def _pretrain_ids_labels(tokenizer, record: dict, max_len: int) -> tuple[list[int], list[bool]]:
-    ids = [tokenizer.bos_token_id] + tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = ([tokenizer.bos_token_id] + tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+           + [tokenizer.eos_token_id])
     ids = ids[:max_len]
     return ids, [True] * len(ids)
 
@@ -124,7 +125,8 @@ def test_reference_labels_one_record_by_hand(work):
     ids, bears = _sft_ids_labels(tokenizer, record, 10_000)
     first = bears.index(True)
     assert all(bears[first:]) and not any(bears[:first])
-    assert tokenizer.decode(ids[:first]).endswith("Which city is the capital of Peru?<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(ids[:first]).endswith(
+        "Which city is the capital of Peru?<|im_end|>\n<|im_start|>assistant\n")
     assert tokenizer.decode(ids[first:]) == "<think>\n\n</think>\n\nThe capital of Peru is Lima.<|im_end|>\n"
 
 

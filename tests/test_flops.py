@@ -28,7 +28,8 @@ def test_train_flops_per_token_matches_the_counted_matmuls(preset, one_thread):
 
 def test_frozen_weights_cost_no_weight_gradient():
     model = build_model("tiny", load_tokenizer(None))
-    full, frozen = train_flops_per_token(model.config, 64), train_flops_per_token(model.config, 64, trainable_fraction=0)
+    full = train_flops_per_token(model.config, 64)
+    frozen = train_flops_per_token(model.config, 64, trainable_fraction=0)
     attention = 12 * model.config.num_hidden_layers * 64 * model.config.num_attention_heads * model.config.head_dim
     assert (frozen - attention) / (full - attention) == pytest.approx(4 / 6)
 

@@ -13,11 +13,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from minimind_scale import generate  # noqa: E402
-from minimind_scale.errors import UserError  # noqa: E402
-from minimind_scale.generate import ChatConfig, ChatStreamer, answer, load_chat_model, run, strip_empty_think  # noqa: E402
+from minimind_scale import generate
+from minimind_scale.errors import UserError
+from minimind_scale.generate import ChatConfig, ChatStreamer, answer, load_chat_model, run, strip_empty_think
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SFT = REPO / "minimind_scale" / "assets" / "demo" / "sft.jsonl"
@@ -136,7 +136,8 @@ def test_answer_with_think_opens_thinking_and_shows_it(loaded, monkeypatch):
 
 def test_strip_empty_think():
     assert strip_empty_think("<think>\n\n</think>\n\nParis.") == "Paris."
-    assert strip_empty_think("<think>\nParis is in France.\n</think>\n\nParis.") == "<think>\nParis is in France.\n</think>\n\nParis."
+    assert (strip_empty_think("<think>\nParis is in France.\n</think>\n\nParis.")
+            == "<think>\nParis is in France.\n</think>\n\nParis.")
     assert strip_empty_think("Paris.") == "Paris."
 
 

@@ -1,5 +1,6 @@
 """import-minimind (MiniMind .pth -> HF) and export (training checkpoint -> HF), checked against an
-independent plain-torch MiniMind forward written from the documented architecture (DESIGN §2)."""
+independent plain-torch MiniMind forward written from MiniMind's published architecture (see
+`reference_logits`)."""
 from __future__ import annotations
 
 import json
@@ -77,12 +78,14 @@ def reference_logits(sd: dict, ids: torch.Tensor, theta: float = 1e6) -> torch.T
                 out = out + torch.where(top_i == e, weight, 0.0) * y
             x = x + out
         else:
-            x = x + swiglu(h, sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"], sd[p + "mlp.down_proj.weight"])
+            x = x + swiglu(h, sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"],
+                           sd[p + "mlp.down_proj.weight"])
     return rms_norm(x, sd["model.norm.weight"]) @ emb.T
 
 
 def minimind_state_dict(moe: bool, dtype: torch.dtype, vocab: int = SHIPPED_VOCAB, seed: int = 0) -> dict:
-    """Random weights in MiniMind's key layout (DESIGN §2), lm_head tied to the embedding as MiniMind saves it."""
+    """Random weights in MiniMind's key layout (the same names as Qwen3's), lm_head tied to the embedding
+    as MiniMind saves it."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape, std=0.1: torch.randn(*shape, generator=g) * std  # noqa: E731
     gain = lambda n: 1 + r(n)  # noqa: E731
@@ -140,10 +143,12 @@ def test_import_minimind_matches_reference(moe, dtype, tmp_path, data_cache, cap
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"]
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
-            config["num_key_value_heads"], config["head_dim"], config["vocab_size"]) == (HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, SHIPPED_VOCAB)
+            config["num_key_value_heads"], config["head_dim"], config["vocab_size"]) == (
+        HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, SHIPPED_VOCAB)
     assert config["tie_word_embeddings"] is True
     if moe:
-        assert (config.get("num_experts", config.get("num_local_experts")), config["num_experts_per_tok"], config["moe_intermediate_size"]) == (EXPERTS, 1, INTER)
+        assert (config.get("num_experts", config.get("num_local_experts")), config["num_experts_per_tok"],
+                config["moe_intermediate_size"]) == (EXPERTS, 1, INTER)
     assert (out / "generation_config.json").is_file() and (out / "tokenizer.json").is_file()
     with safe_open(str(out / "model.safetensors"), "pt") as f:  # the file's precision is kept
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32" if dtype == torch.float32 else "F16"}
@@ -159,14 +164,16 @@ def test_import_minimind_rejects_bad_layouts(tmp_path, data_cache, capsys):
     sd = minimind_state_dict(False, torch.float32)
     sd["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(3 * HEAD_DIM, HIDDEN)
     torch.save(sd, tmp_path / "bad.pth")
-    code, err = cli(["import-minimind", "--weights", str(tmp_path / "bad.pth"), "--out_dir", str(tmp_path / "o")], capsys)
+    code, err = cli(["import-minimind", "--weights", str(tmp_path / "bad.pth"), "--out_dir", str(tmp_path / "o")],
+                    capsys)
     assert code == 2 and "Traceback" not in err, err
     assert "model.layers.1.self_attn.k_proj.weight" in err and "[24, 64]" in err
 
     sd = minimind_state_dict(True, torch.float16, vocab=SHIPPED_VOCAB + 64)
     del sd["model.layers.1.mlp.experts.2.up_proj.weight"]
     torch.save(sd, tmp_path / "missing.pth")
-    code, err = cli(["import-minimind", "--weights", str(tmp_path / "missing.pth"), "--out_dir", str(tmp_path / "o")], capsys)
+    code, err = cli(["import-minimind", "--weights", str(tmp_path / "missing.pth"), "--out_dir", str(tmp_path / "o")],
+                    capsys)
     assert code == 2 and "model.layers.1.mlp.experts.2.up_proj.weight" in err, err
 
     # The vocabulary is not the shipped tokenizer's: a tokenizer must be named.
@@ -175,7 +182,8 @@ def test_import_minimind_rejects_bad_layouts(tmp_path, data_cache, capsys):
     code, err = cli(["import-minimind", "--weights", str(tmp_path / "vocab.pth"), "--out_dir", str(tmp_path / "o"),
                     "--moe"], capsys)
     assert code == 2 and "--moe" in err, err
-    code, err = cli(["import-minimind", "--weights", str(tmp_path / "vocab.pth"), "--out_dir", str(tmp_path / "o")], capsys)
+    code, err = cli(["import-minimind", "--weights", str(tmp_path / "vocab.pth"), "--out_dir", str(tmp_path / "o")],
+                    capsys)
     assert code == 2 and "--tokenizer" in err and str(SHIPPED_VOCAB + 64) in err, err
     # A named tokenizer may be smaller than the embedding (MiniMind-style padded vocabularies).
     ok(["import-minimind", "--weights", str(tmp_path / "vocab.pth"), "--out_dir", str(tmp_path / "o"),

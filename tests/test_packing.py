@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import DEMO, read_metrics, run_cli
-from minimind_scale.data import pad_collate, prepare_dataset
+from minimind_scale.batching import VARLEN_KEYS, pad_collate
+from minimind_scale.data import prepare_dataset
 from minimind_scale.errors import UserError
-from minimind_scale.losses import VARLEN_KEYS, count_label_tokens, forward_logits, shifted_labels
+from minimind_scale.losses import count_label_tokens, forward_logits, shifted_labels
 from minimind_scale.packing import best_fit_decreasing, pack_dataset
 from minimind_scale.registry import discover, get_stage
 
@@ -76,7 +77,8 @@ def test_packed_columns_restart_positions_and_mask_each_later_first_label():
     assert rows["labels"] == [[31, -100, 33, 34, -100], [11, 12, 13, -100, 22]]
     assert (report.samples, report.rows, report.tokens) == (4, 2, 10) and report.efficiency == 1.0
     # The loss-bearing tokens after the shift are exactly the unpacked ones.
-    unpacked = sum(int(count_label_tokens(pad_collate([{"input_ids": s, "labels": l}], 0))) for s, l in zip(samples, labels))
+    unpacked = sum(int(count_label_tokens(pad_collate([{"input_ids": s, "labels": lab}], 0)))
+                   for s, lab in zip(samples, labels))
     assert int(count_label_tokens(pad_collate([dict(zip(rows, v)) for v in zip(*rows.values())], 0))) == unpacked
     with pytest.raises(ValueError, match="columns"):
         pack_dataset(ds.add_column("other", [1, 2, 3, 4]), max_seq_len=5)
@@ -93,7 +95,8 @@ def test_collate_carries_position_ids_boundaries_and_no_mask_for_packed_rows():
     assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 1, 3, 4, 6]
     assert batch["cu_seq_lens_q"].dtype == torch.int32
     assert batch["max_length_q"] == batch["max_length_k"] == 2
-    assert set(pad_collate([{"input_ids": [5], "labels": [5]}], pad_id=0)) == {"input_ids", "labels", "attention_mask", "_tokens"}
+    assert set(pad_collate([{"input_ids": [5], "labels": [5]}], pad_id=0)) == {
+        "input_ids", "labels", "attention_mask", "_tokens"}
 
 
 def varlen_reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -153,7 +156,8 @@ def ce_sum_fp64(logits, labels) -> float:
     """The training loss's token sum, accumulated in float64 so that summation order cannot hide
     (or fake) a difference at 1e-5."""
     return float(torch.nn.functional.cross_entropy(logits.double().reshape(-1, logits.size(-1)),
-                                                   shifted_labels(labels).reshape(-1), ignore_index=-100, reduction="sum"))
+                                                   shifted_labels(labels).reshape(-1), ignore_index=-100,
+                                                   reduction="sum"))
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen_reference"])

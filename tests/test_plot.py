@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
-
-from conftest import DEMO, REPO, run_cli
+from conftest import DEMO, run_cli
 from conftest import cli_in_process as cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -18,7 +16,8 @@ def fake_run(path, steps: int, scale: float):
     path.mkdir(parents=True)
     with open(path / "metrics.jsonl", "w") as f:
         for s in range(1, steps + 1):
-            f.write(json.dumps({"step": s, "epoch": s / steps, "loss": scale * math.exp(-s / 10), "lr": 1e-3 * (1 - s / steps),
+            f.write(json.dumps({"step": s, "epoch": s / steps, "loss": scale * math.exp(-s / 10),
+                                "lr": 1e-3 * (1 - s / steps),
                                 "grad_norm": 1.0, "tokens": 100 * s, "tokens_per_sec": 500 + s, "elapsed_sec": s,
                                 "world_size": 1}) + "\n")
     return path

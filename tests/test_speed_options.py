@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DEMO, read_metrics, run_cli
-from minimind_scale.data import pad_collate, padded_length
+from minimind_scale.batching import pad_collate, padded_length
 from minimind_scale.losses import causal_lm_loss
 from minimind_scale.models import build_model, load_tokenizer
 
@@ -20,8 +20,8 @@ SFT = ["sft", "--model", "tiny", "--hidden_size", "32", "--num_hidden_layers", "
 
 def test_checkpointing_and_loader_workers_train_the_same(tmp_path, data_cache):
     run_cli([*SFT, "--out_dir", str(tmp_path / "plain")], data_cache)
-    run_cli([*SFT, "--gradient_checkpointing", "true", "--dataloader_workers", "2", "--out_dir", str(tmp_path / "fast")],
-            data_cache)
+    run_cli([*SFT, "--gradient_checkpointing", "true", "--dataloader_workers", "2",
+             "--out_dir", str(tmp_path / "fast")], data_cache)
     plain, fast = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fast")
     assert len(plain) == len(fast) == 3
     for a, b in zip(plain, fast):

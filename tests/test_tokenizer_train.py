@@ -10,10 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from transformers import AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer
 
-from minimind_scale.errors import UserError  # noqa: E402
-from minimind_scale.tokenizer_train import (  # noqa: E402
+from minimind_scale.errors import UserError
+from minimind_scale.tokenizer_train import (
     ADDED_TOKENS,
     CHAT_TEMPLATE,
     RESERVED_TOKENS,
@@ -128,8 +128,10 @@ CASES: list[tuple[list[dict], list | None]] = [
     ([{"role": "user", "content": "x"}, {"role": "developer", "content": "unknown roles are dropped"},
       {"role": "assistant", "content": "y"}], None),
     # reasoning
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "think hard"}], None),
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "\n\na", "reasoning_content": "\n\nr\n\n"}], None),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "think hard"}],
+     None),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "\n\na", "reasoning_content": "\n\nr\n\n"}],
+     None),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": ""}], None),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nplan\n</think>\n\nanswer"}], None),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "no opening tag</think>answer"}], None),

@@ -125,8 +125,8 @@ def test_resume_with_another_process_count_is_refused(tmp_path, data_cache, vari
 
     out = tmp_path / "run"
     shutil.copytree(baseline, out)
-    proc = run_cli(["sft", "--data_path", str(varied_sft), "--max_steps", "8", "--batch_size", "4", "--out_dir", str(out),
-                    *TINY], data_cache, nproc=2, check=False)
+    proc = run_cli(["sft", "--data_path", str(varied_sft), "--max_steps", "8", "--batch_size", "4",
+                    "--out_dir", str(out), *TINY], data_cache, nproc=2, check=False)
     # Each rank exits 2; torchrun itself reports a failed child as 1 and names the child's code.
     assert proc.returncode != 0 and "exitcode: 2" in proc.stderr
     assert "written by 1 process(es) and this run has 2" in proc.stderr

@@ -25,8 +25,8 @@ def test_accelerate_two_cpu_processes_on_real_chats(tmp_path, data_cache):
     MiniMind's tokenizer and real conversations: the loss falls and final/ loads and generates."""
     out = tmp_path / "run"
     cmd = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "minimind_scale", "sft", "--model", "tiny",
-           "--tokenizer", str(SHARED / "tokenizers" / "minimind"),
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "minimind_scale", "sft",
+           "--model", "tiny", "--tokenizer", str(SHARED / "tokenizers" / "minimind"),
            "--data_path", str(SHARED / "data" / "sft_zh_alpaca_demo.jsonl"), "--out_dir", str(out),
            "--max_steps", "24", "--batch_size", "4", "--max_seq_len", "128", "--learning_rate", "3e-3",
            "--log_interval", "4", "--dtype", "fp32", "--num_proc", "2"]

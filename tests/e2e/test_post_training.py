@@ -38,7 +38,8 @@ def dpo_pairs(tmp_path_factory) -> Path:
             wrong = rows[(i + 1) % len(rows)]["conversations"][-1]["content"]
             if wrong == conv[-1]["content"]:
                 wrong = "I do not know."
-            f.write(json.dumps({"chosen": conv, "rejected": conv[:-1] + [{"role": "assistant", "content": wrong}]}) + "\n")
+            f.write(json.dumps({"chosen": conv,
+                                "rejected": conv[:-1] + [{"role": "assistant", "content": wrong}]}) + "\n")
     return out
 
 
@@ -70,7 +71,8 @@ def test_lora_trains_only_the_adapter_and_merges_exactly(tmp_path, data_cache, s
     # The training state held the base too: every base weight is still the SFT model's, bit for bit.
     base = load_file(str(base_file))
     state = load_file(str(next((out / "checkpoints").glob("step_*")) / "model.safetensors"))
-    frozen = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+    frozen = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v
+              for k, v in state.items() if "lora_" not in k}
     assert set(base) <= set(frozen)
     for k, v in base.items():
         assert torch.equal(v, frozen[k]), k
@@ -103,7 +105,8 @@ def test_dpo_starts_at_ln2_and_precomputed_reference_matches_live(tmp_path, data
     run_cli(dpo_args(dpo_pairs, sft_model, tmp_path / "live"), data_cache)
     live = read_metrics(tmp_path / "live")
     assert abs(live[0]["loss"] - math.log(2)) < 1e-4
-    for key in ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"):
+    for key in ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen",
+                "logps_rejected"):
         assert all(key in row and math.isfinite(row[key]) for row in live), key
     assert live[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
     assert 0.0 <= live[-1]["reward_accuracy"] <= 1.0

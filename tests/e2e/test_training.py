@@ -1,7 +1,6 @@
 """End-to-end runs of the real command line: loss normalisation, resume, cache reuse, outputs."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -62,16 +61,15 @@ def test_loss_normalisation_independent_of_accumulation_and_processes(tmp_path, 
 def test_first_step_loss_is_the_token_mean(tmp_path, data_cache, varied_sft):
     """The logged loss of step 1 equals a direct computation: the initial model's summed token
     cross-entropy over the step's 8 conversations divided by their loss-bearing token count."""
-    from transformers import AutoModelForCausalLM
-
+    from minimind_scale.data import prepare_dataset
+    from minimind_scale.loader import make_loader
+    from minimind_scale.losses import token_cross_entropy_sum
     from minimind_scale.models import build_model, load_tokenizer
     from minimind_scale.registry import discover, get_stage
-    from minimind_scale.data import make_loader, prepare_dataset
-    from minimind_scale.losses import token_cross_entropy_sum
 
     out = tmp_path / "run"
-    run_cli(["sft", "--data_path", str(varied_sft), "--max_steps", "1", "--batch_size", "8", "--accumulation_steps", "1",
-             "--out_dir", str(out), "--save_interval", "0", *TINY], data_cache)
+    run_cli(["sft", "--data_path", str(varied_sft), "--max_steps", "1", "--batch_size", "8",
+             "--accumulation_steps", "1", "--out_dir", str(out), "--save_interval", "0", *TINY], data_cache)
     logged = read_metrics(out)[0]
 
     discover()
@@ -102,7 +100,8 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     start = time.time()
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (exit {proc.returncode}) before {path} appeared:\n{proc.stderr.read()[-3000:]}")
+            raise AssertionError(f"run ended (exit {proc.returncode}) before {path} appeared:\n"
+                                 f"{proc.stderr.read()[-3000:]}")
         if time.time() - start > timeout:
             proc.kill()
             raise AssertionError(f"{path} did not appear in {timeout}s")

@@ -16,10 +16,10 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import pytest
 
@@ -159,7 +159,8 @@ def _(tmp):
 @run("bad_yaml")
 def _(tmp):
     data = write_jsonl(tmp / "data.jsonl", GOOD_TEXT)
-    (tmp / "run.yaml").write_text(f"epochs: 1\nlerning_rate: 0.001\n# a comment\nwarmup_steps: soon\nout_dir: {tmp / 'out'}\n")
+    (tmp / "run.yaml").write_text("epochs: 1\nlerning_rate: 0.001\n# a comment\nwarmup_steps: soon\n"
+                                  f"out_dir: {tmp / 'out'}\n")
     return ["pretrain", "--config", str(tmp / "run.yaml"), "--data_path", str(data), *COMMON]
 
 
@@ -223,8 +224,8 @@ class Check:
     anywhere: tuple[str, ...] = ()             # substrings anywhere in the output; "{tmp}" = the run's directory
     lines: tuple[tuple[str, ...], ...] = ()    # each group: substrings that must sit on one output line
     rc: int = 2
-    extra: Optional[Callable[[Path, subprocess.CompletedProcess], None]] = None
-    xfail: Optional[str] = None
+    extra: Callable[[Path, subprocess.CompletedProcess], None] | None = None
+    xfail: str | None = None
 
 
 def on_line(*parts: str) -> tuple[tuple[str, ...], ...]:
@@ -237,15 +238,18 @@ def check_several_bad_lines(tmp: Path, res) -> None:
     for n in sorted(PRETRAIN_BAD)[:5]:  # the first ones, each with its line number
         assert f"{pre}:{n}:" in err, f"line {n} not reported:\n{err}"
     listed = len(re.findall(r"\.jsonl:\d+:", err))
-    assert 5 <= listed < PRETRAIN_N_BAD, f"{listed} bad lines listed of {PRETRAIN_N_BAD}: the first ones only, please\n{err}"
-    assert re.search(rf"\b{PRETRAIN_N_BAD}\b[^\n]*(malformed|bad|invalid)", err), f"no total of {PRETRAIN_N_BAD}:\n{err}"
+    assert 5 <= listed < PRETRAIN_N_BAD, \
+        f"{listed} bad lines listed of {PRETRAIN_N_BAD}: the first ones only, please\n{err}"
+    assert re.search(rf"\b{PRETRAIN_N_BAD}\b[^\n]*(malformed|bad|invalid)", err), \
+        f"no total of {PRETRAIN_N_BAD}:\n{err}"
 
 
 def check_skipped_run(tmp: Path, res) -> None:
     out = res.stdout + res.stderr
     final = tmp / "out" / "final"
     assert (final / "config.json").is_file() and (final / "model.safetensors").is_file(), out[-3000:]
-    assert re.search(r"\b1 bad\b|skipped\D{0,20}\b1\b|\b1\b\D{0,20}skipped", out), f"skipped count not logged:\n{out[-3000:]}"
+    assert re.search(r"\b1 bad\b|skipped\D{0,20}\b1\b|\b1\b\D{0,20}skipped", out), \
+        f"skipped count not logged:\n{out[-3000:]}"
     assert re.search(rf"\b{len(GOOD_TEXT)} records\b", out), out[-3000:]
     report = json.loads((tmp / "out" / "data_report.json").read_text())
     assert report["records"] == len(GOOD_TEXT) and report["skipped"] == 1, report

@@ -18,7 +18,8 @@ TINY = ["--model", "tiny", "--max_seq_len", "96", "--dtype", "fp32", "--log_inte
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_cache, varied_sft):
     out = tmp_path / "run"
-    args = ["sft", "--data_path", str(varied_sft), "--max_steps", "8", "--save_interval", "2", "--out_dir", str(out), *TINY]
+    args = ["sft", "--data_path", str(varied_sft), "--max_steps", "8", "--save_interval", "2", "--out_dir", str(out),
+            *TINY]
     proc = run_cli(args, data_cache, check=False, MINIMIND_SCALE_TEST_NAN_AT_STEP="5")
     assert proc.returncode == 1
     assert "step 5: loss nan" in proc.stderr and "Traceback" not in proc.stderr

@@ -16,12 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import cli_in_process
 from minimind_scale import registry
-from minimind_scale.data import IGNORE_INDEX
 from minimind_scale.errors import RecordError
 from minimind_scale.models import load_tokenizer
-
-from conftest import cli_in_process
+from minimind_scale.rows import IGNORE_INDEX
 
 KEYS = ["text", "conversations", "messages", "role", "content", "reasoning_content", "tools", "tool_calls", "chosen",
         "rejected", "name", "arguments", "function"]
@@ -31,7 +30,8 @@ scalars = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=F
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=5), inner, max_size=4),
                            max_leaves=20)
-message = st.fixed_dictionaries({"role": st.sampled_from(ROLES) | json_values, "content": json_values | st.text(max_size=20)})
+message = st.fixed_dictionaries({"role": st.sampled_from(ROLES) | json_values,
+                                 "content": json_values | st.text(max_size=20)})
 records = (st.dictionaries(st.sampled_from(KEYS), json_values, max_size=4)
            | st.fixed_dictionaries({"conversations": st.lists(message, max_size=4)})
            | st.fixed_dictionaries({"chosen": st.lists(message, max_size=3), "rejected": st.lists(message, max_size=3)})
@@ -82,7 +82,8 @@ def test_well_formed_conversations_always_encode_with_loss_tokens(turns, system)
     assert any(t != IGNORE_INDEX for t in encoded["labels"])
 
 
-GOOD = [{"conversations": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+GOOD = [{"conversations": [{"role": "user", "content": f"question {i}"},
+                           {"role": "assistant", "content": f"answer {i}"}]}
         for i in range(6)]
 
 

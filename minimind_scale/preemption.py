@@ -1,4 +1,4 @@
-"""Stopping cleanly on SIGTERM/SIGINT, and the fault-injection switches the robustness tests use.
+"""Stopping cleanly on SIGTERM/SIGINT.
 
 Preemptible clusters send SIGTERM and then, a grace period later, SIGKILL. The handler only records
 the request; the loop saves a checkpoint at the next optimizer-step boundary (all ranks agree
@@ -6,15 +6,9 @@ first, so they save together) and exits 0.
 """
 from __future__ import annotations
 
-import os
 import signal
 
 import torch
-
-# Test switches (environment variables), read once: seconds to sleep after each step, so a test can
-# kill a sub-second run between checkpoints; and a step whose loss is made NaN.
-STEP_DELAY = float(os.environ.get("MINIMIND_SCALE_TEST_STEP_DELAY", "0"))
-NAN_AT_STEP = int(os.environ.get("MINIMIND_SCALE_TEST_NAN_AT_STEP", "0"))
 
 
 class StopRequest:

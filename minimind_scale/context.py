@@ -1,0 +1,48 @@
+"""What a stage's hooks receive besides the model, the batch and the config: the run's shared objects
+and the stage's own state, both typed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class StageState:
+    """A stage's own per-run state: auxiliary models, precomputed tables, running statistics, an RNG.
+
+    Subclass it (a dataclass works) and name the class as the StageSpec's `state`; the engine creates one
+    per run before `setup`. What `state_dict()` returns is saved in every checkpoint, per process, and
+    handed back to `load_state_dict()` on resume. By default nothing is saved: models and tables that
+    `setup` rebuilds from the config do not belong in it.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class StageContext:
+    """Handed to a stage's setup, loss, rollout and finalize."""
+
+    tokenizer: Any
+    accelerator: Any
+    out_dir: Path
+    dataset: Any   # the tokenised (possibly packed) training rows
+    state: StageState
+
+
+@dataclass
+class Rollout:
+    """What a stage's rollout returns: the micro-batches to train on, and metrics of its own.
+
+    `metrics` maps a name to (sum, count) on this process; the engine logs Σ sum / Σ count over all
+    processes (mean reward over completions, completion length, the share of clipped completions).
+    A rollout may also return a plain list of micro-batches.
+    """
+
+    micro_batches: list[dict]
+    metrics: dict[str, tuple[float, float]] = field(default_factory=dict)
