@@ -30,6 +30,7 @@ class TrainState:
     elapsed_sec: float = 0.0   # training time before this process started
     world_size: int = 1
     skipped_steps: int = 0     # updates skipped for a non-finite loss (nan_policy skip_step)
+    stage: str = ""            # the stage that trained it, so tools (export) rebuild its model class
 
 
 def checkpoints_dir(out_dir: Path) -> Path:

@@ -2,7 +2,9 @@
 
 The loss is the mean next-token cross-entropy over every loss-bearing token of the data set (the
 same tokens, labels and truncation a training stage uses), not a mean of per-batch means, so it
-does not depend on the batch size, the padding or the number of processes.
+does not depend on the batch size, the padding or the number of processes. With `--stage reward`
+a reward model (a one-output sequence classifier) scores preference pairs instead: its pairwise
+accuracy and mean margin over every pair, counted as the reward stage counts them in training.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 import math
 import os
 import sys
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -19,25 +21,29 @@ from tqdm.auto import tqdm
 from .config import StrictConfig
 from .errors import UserError
 
-STAGES = ("pretrain", "full_sft")
-
 
 class EvalConfig(StrictConfig):
     """Evaluate a model directory on jsonl data. The last stdout line is JSON:
-    {"loss": mean token cross-entropy, "ppl": exp(loss), "tokens": loss-bearing tokens, "records": rows}."""
+    {"loss": mean token cross-entropy, "ppl": exp(loss), "tokens": loss-bearing tokens, "records": rows};
+    with stage reward {"accuracy": share of pairs with r_chosen > r_rejected (a tie is wrong),
+    "margin": mean r_chosen − r_rejected, "pairs": pairs}."""
 
     model: str = Field(..., description="Hugging Face model directory (e.g. out/pretrain/final)")
     data_path: list[str] = Field(default_factory=list, description="one or more jsonl data files")
-    max_seq_len: int = Field(512, ge=8, description="tokens per record; longer records keep their prefix (as in training)")
+    max_seq_len: int = Field(512, ge=8,
+                             description="tokens per record; longer records keep their prefix (as in training)")
     batch_size: int = Field(8, ge=1, description="records per forward pass per process")
     packing: bool = Field(False, description="pack records per row; the loss is the same either way by design")
-    tokenizer: Optional[str] = Field(None, description="tokenizer directory; default: the model's own")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("fp32", description="weights dtype: auto = bf16 on a GPU that supports it, else fp32")
+    tokenizer: str | None = Field(None, description="tokenizer directory; default: the model's own")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "fp32", description="weights dtype: auto = bf16 on a GPU that supports it, else fp32")
     num_proc: int = Field(1, ge=1, description="tokenisation worker processes")
-    cache_dir: Optional[str] = Field(None, description="tokenised-data cache (default $MINIMIND_SCALE_CACHE or ~/.cache/minimind_scale)")
+    cache_dir: str | None = Field(None, description="tokenised-data cache (default $MINIMIND_SCALE_CACHE or "
+                                  "~/.cache/minimind_scale)")
     skip_bad_records: bool = Field(False, description="skip malformed records (counted on stderr) instead of failing")
-    stage: Literal["auto", "pretrain", "full_sft", "sft"] = Field(
-        "auto", description="how records are encoded: auto = pretrain when the first record has \"text\", else full_sft")
+    stage: Literal["auto", "pretrain", "full_sft", "sft", "reward"] = Field(
+        "auto", description="how records are encoded: auto = pretrain when the first record has \"text\", "
+                            "else full_sft; reward = chosen/rejected pairs scored by a reward model")
 
 
 def detect_stage(path: str) -> str:
@@ -56,9 +62,10 @@ def detect_stage(path: str) -> str:
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
+    from .distributed import check_fp16_available
+
+    check_fp16_available(dtype)
     cuda = torch.cuda.is_available()
-    if dtype == "fp16" and not cuda:
-        raise UserError("dtype fp16 needs a GPU; on a CPU use bf16 or fp32")
     if dtype == "auto":
         return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -74,7 +81,7 @@ def _batches(dataset, batch_size: int):
 def evaluate_rows(model, dataset, pad_id: int, batch_size: int, show_progress: bool = True) -> tuple[float, int, int]:
     """(summed cross-entropy, loss-bearing tokens, records) of `dataset`'s rows, in order; a packed
     row counts each record it holds."""
-    from .data import pad_collate, to_device
+    from .batching import pad_collate, to_device
     from .losses import count_label_tokens, forward_logits, token_cross_entropy_sum
 
     device = next(model.parameters()).device
@@ -93,9 +100,74 @@ def evaluate_rows(model, dataset, pad_id: int, batch_size: int, show_progress: b
     return loss_sum, tokens, records
 
 
-def run(cfg: EvalConfig) -> None:
-    from transformers import AutoModelForCausalLM
+@torch.inference_mode()
+def evaluate_pairs(model, dataset, spec, stage_cfg, tokenizer, batch_size: int,
+                   show_progress: bool = True) -> tuple[float, float, int]:
+    """(pairs ranked right, summed r_chosen − r_rejected, pairs) of `dataset`'s pairs, through the stage's
+    own collate and loss, whose `accuracy` and `margin` metrics are sums over pairs: eval counts as training logs."""
+    from .batching import to_device
 
+    device = next(model.parameters()).device
+    correct, margin, pairs = 0.0, 0.0, 0
+    bar = tqdm(total=len(dataset), desc="eval", unit="pair", file=sys.stderr, disable=not show_progress)
+    for rows in _batches(dataset, batch_size):
+        batch = to_device(spec.collate(rows, tokenizer, stage_cfg), device)
+        out = spec.loss(model, batch, stage_cfg, None)
+        correct += out.metrics["accuracy"].double().item()
+        margin += out.metrics["margin"].double().item()
+        pairs += int(spec.loss_units(batch))
+        bar.update(len(rows))
+    bar.close()
+    return correct, margin, pairs
+
+
+def check_reward_model(path: str) -> None:
+    """A reward model gives one number per conversation: a sequence classifier with num_labels 1."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: the model failed to load ({type(e).__name__}: {e})") from None
+    if config.num_labels != 1:
+        kind = ", ".join(config.architectures or []) or config.model_type
+        raise UserError(f"{path} is not a reward model: it has num_labels {config.num_labels} ({kind}); eval --stage "
+                        "reward needs a sequence classifier with one output (train one with the reward stage)")
+
+
+def load_model(cfg: EvalConfig, tokenizer, reward: bool):
+    """The causal LM, or for stage reward the sequence classifier, of `cfg.model`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(cfg.model, dtype=torch_dtype(cfg.dtype))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{cfg.model}: the model failed to load ({type(e).__name__}: {e})") from None
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise UserError(f"{cfg.model}: its vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller "
+                        f"than the tokenizer's ({len(tokenizer)})")
+    if reward:  # the score is read at the last token that is not the padding this tokenizer adds
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def summary(totals: list[float], reward: bool) -> dict:
+    """The printed result from the summed totals of every process."""
+    if reward:
+        correct, margin, pairs = totals
+        if pairs == 0:
+            raise UserError("no preference pair in the data (nothing to evaluate)")
+        return {"accuracy": correct / pairs, "margin": margin / pairs, "pairs": int(pairs)}
+    loss_sum, tokens, records = totals
+    if tokens == 0:
+        raise UserError("no loss-bearing token in the data (nothing to evaluate)")
+    loss = loss_sum / tokens
+    ppl = math.exp(loss) if loss < 700 else float("inf")
+    return {"loss": loss, "ppl": ppl, "tokens": int(tokens), "records": int(records)}
+
+
+def run(cfg: EvalConfig) -> None:
     from . import registry
     from .data import check_data_files, prepare_dataset
     from .models import is_model_dir, load_tokenizer
@@ -105,12 +177,11 @@ def run(cfg: EvalConfig) -> None:
     if world > 1:
         from accelerate import Accelerator
 
-        # Without cpu=True, processes on a GPU-less machine never form one group (DESIGN §9).
+        from .distributed import check_group_size
+
+        # Without cpu=True, processes on a GPU-less machine never form one group.
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        if accelerator.num_processes != world:
-            raise UserError(f"the launcher started {world} processes but they formed a group of "
-                            f"{accelerator.num_processes}; use torchrun --nproc_per_node N or "
-                            "accelerate launch --multi_gpu --num_processes N")
+        check_group_size(accelerator, world)
     rank = accelerator.process_index if accelerator else 0
     is_main = rank == 0
     is_local_main = accelerator.is_local_main_process if accelerator else True
@@ -124,6 +195,9 @@ def run(cfg: EvalConfig) -> None:
         raise UserError(f"model '{cfg.model}' is not a Hugging Face model directory (no config.json)")
     files = check_data_files(cfg.data_path)
     stage = detect_stage(str(files[0])) if cfg.stage == "auto" else cfg.stage
+    reward = stage == "reward"
+    if reward:
+        check_reward_model(cfg.model)
     registry.discover()
     spec = registry.get_stage(stage)
     stage_cfg = spec.config(data_path=cfg.data_path, max_seq_len=cfg.max_seq_len, num_proc=cfg.num_proc,
@@ -134,27 +208,19 @@ def run(cfg: EvalConfig) -> None:
     if report.skipped:
         log(f"evaluating {report.summary()}")
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch_dtype(cfg.dtype))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{cfg.model}: the model failed to load ({type(e).__name__}: {e})") from None
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        raise UserError(f"{cfg.model}: its vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller "
-                        f"than the tokenizer's ({len(tokenizer)})")
+    model = load_model(cfg, tokenizer, reward)
     device = accelerator.device if accelerator else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
 
     if world > 1:
         dataset = dataset.shard(num_shards=world, index=rank, contiguous=True)
-    loss_sum, tokens, records = evaluate_rows(model, dataset, tokenizer.pad_token_id, cfg.batch_size, show_progress=is_main)
+    if reward:
+        totals = evaluate_pairs(model, dataset, spec, stage_cfg, tokenizer, cfg.batch_size, show_progress=is_main)
+    else:
+        totals = evaluate_rows(model, dataset, tokenizer.pad_token_id, cfg.batch_size, show_progress=is_main)
+    totals = list(totals)
     if accelerator is not None:
-        totals = torch.tensor([loss_sum, tokens, records], dtype=torch.float64, device=device)
-        loss_sum, tokens, records = accelerator.reduce(totals, reduction="sum").tolist()
-        tokens, records = int(tokens), int(records)
-    if tokens == 0:
-        raise UserError("no loss-bearing token in the data (nothing to evaluate)")
-    if not is_main:
-        return
-    loss = loss_sum / tokens
-    ppl = math.exp(loss) if loss < 700 else float("inf")
-    print(json.dumps({"loss": loss, "ppl": ppl, "tokens": tokens, "records": records}), flush=True)
+        totals = accelerator.reduce(torch.tensor(totals, dtype=torch.float64, device=device), reduction="sum").tolist()
+    result = summary(totals, reward)
+    if is_main:
+        print(json.dumps(result), flush=True)

@@ -118,6 +118,18 @@ def lora_model(run_dir: Path, run: dict, weights: dict, ckpt: Path):
     return model
 
 
+def training_stage(ckpt: Path):
+    """The StageSpec that wrote the checkpoint, where its trainer state names one that is registered."""
+    from . import registry
+    from .checkpoint import STATE_FILE, read_state
+
+    stage = read_state(ckpt).stage if (ckpt / STATE_FILE).is_file() else ""
+    if not stage:
+        return None
+    registry.discover()
+    return registry.get_stage(stage) if stage in registry.all_names() else None
+
+
 def run(cfg: ExportConfig) -> Path:
     from transformers import AutoModelForCausalLM
 
@@ -139,7 +151,11 @@ def run(cfg: ExportConfig) -> Path:
     else:
         if cfg.merge_lora:
             raise UserError(f"--merge_lora: {ckpt} holds no LoRA weights (no lora_A / lora_B keys)")
-        model = AutoModelForCausalLM.from_config(model_config(run_dir, run_cfg, tokenizer), dtype=torch.float32)
+        spec = training_stage(ckpt)
+        if spec is not None and spec.build_model is not None:  # another class than a causal LM (a reward model)
+            model = spec.build_model(spec.config(**run_cfg), tokenizer)
+        else:
+            model = AutoModelForCausalLM.from_config(model_config(run_dir, run_cfg, tokenizer), dtype=torch.float32)
         load_weights(model, weights, ckpt)
         save_hf(model.to(DTYPES[cfg.dtype]), tokenizer, out)
     note = (" (adapter only; --merge_lora writes a full model)"

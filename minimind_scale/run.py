@@ -151,7 +151,7 @@ def setup(spec: StageSpec, cfg: TrainConfig) -> Run:
     if cfg.compile:
         model = torch.compile(model)
     accelerator.register_for_checkpointing(scheduler)
-    state = TrainState(world_size=world)
+    state = TrainState(world_size=world, stage=spec.name)
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, ctx.state)
         say(f"resumed from {checkpoint} at step {state.step}")

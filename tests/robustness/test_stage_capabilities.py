@@ -10,9 +10,11 @@ from conftest import DEMO, cli_in_process
     ("dpo", ["--cross_entropy", "chunked"]),
     ("distill", ["--cross_entropy", "liger"]),
     ("dpo", ["--packing", "true"]),
+    ("reward", ["--cross_entropy", "chunked"]),
+    ("grpo", ["--pad_to", "max_seq_len"]),
 ])
 def test_unhonoured_option_is_refused(stage, option, tmp_path, capsys):
-    extra = ["--teacher", str(tmp_path)] if stage == "distill" else []
+    extra = {"distill": ["--teacher", str(tmp_path)], "grpo": ["--reward_funcs", "minimind_format"]}.get(stage, [])
     (tmp_path / "config.json").write_text("{}")  # a model directory as far as the config check goes
     code, err = cli_in_process([stage, "--data_path", str(DEMO / "sft.jsonl"), "--out_dir", str(tmp_path / "out"),
                                 *extra, *option], capsys)

@@ -1,0 +1,39 @@
+"""A trained reward model (any sequence classifier with one label) as a frozen scorer of completions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .models import is_model_dir, load_tokenizer
+
+
+class RewardModel:
+    """Scores the chat-templated conversation (prompt + completion), clamped to ±clip."""
+
+    name = "reward_model"
+
+    def __init__(self, path: str, device, clip: float, max_len: int = 4096):
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        if not is_model_dir(path):
+            raise UserError(f"reward_model {path}: not a Hugging Face model directory (no config.json)")
+        labels = AutoConfig.from_pretrained(path).num_labels
+        if labels != 1:
+            raise UserError(f"reward_model {path} has num_labels {labels}: a reward model scores a conversation with "
+                            "one number (train one with the reward stage)")
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        self.model.eval().requires_grad_(False).to(device)
+        has_tokenizer = (Path(path) / "tokenizer_config.json").is_file()
+        self.tokenizer = load_tokenizer(path if has_tokenizer else None)
+        self.clip, self.max_len, self.device = clip, max_len, device
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[dict]], completions: list[str]) -> torch.Tensor:
+        texts = [self.tokenizer.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
+                 for p, c in zip(prompts, completions)]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_len,
+                             add_special_tokens=False)
+        logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits
+        return logits[:, 0].float().clamp(-self.clip, self.clip).cpu()

@@ -1,0 +1,63 @@
+"""Sampling completions from a policy, and the per-token log-probabilities online stages train on.
+
+Prompts are left-padded (so every prompt ends where generation starts) and completions right-padded.
+Position ids come from the attention mask, in sampling and in every scoring forward alike, so a
+token's log-probability does not depend on how much padding its prompt got.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Samples:
+    """`num_samples` completions per prompt, grouped by prompt (rows g·n … g·n + n − 1 share prompt g)."""
+
+    sequences: torch.Tensor        # [rows, P + T] prompt then completion ids
+    attention_mask: torch.Tensor   # [rows, P + T] 1 on real prompt tokens and on completion tokens
+    completion_mask: torch.Tensor  # [rows, T] 1 up to and including the first end-of-turn token
+    clipped: torch.Tensor          # [rows] bool: no end-of-turn token within the length limit
+    prompt_len: int                # P
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_len:]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, … over the real tokens of each row (left padding gets 0), as generation computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, num_samples: int, max_new_tokens: int,
+           temperature: float, top_p: float, top_k: int, end_id: int, pad_id: int) -> Samples:
+    """Sample with the KV cache on; tokens after a completion's first `end_id` are padding and masked."""
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature,
+                         top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                         eos_token_id=end_id, pad_token_id=pad_id, use_cache=True)
+    prompt_len = input_ids.shape[1]
+    completion = out[:, prompt_len:]
+    is_end = completion == end_id
+    has_end = is_end.any(dim=1)
+    width = completion.shape[1]
+    first_end = torch.where(has_end, is_end.int().argmax(dim=1), torch.full_like(has_end, width, dtype=torch.long))
+    completion_mask = (torch.arange(width, device=out.device)[None, :] <= first_end[:, None]).long()
+    completion = torch.where(completion_mask.bool(), completion, torch.full_like(completion, pad_id))
+    prompt_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+    return Samples(sequences=torch.cat([out[:, :prompt_len], completion], dim=1),
+                   attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+                   completion_mask=completion_mask, clipped=~has_end, prompt_len=prompt_len)
+
+
+def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """log π(token) of every completion position, [rows, T], from logits divided by the sampling
+    temperature (the distribution the tokens were drawn from). fp32; no [rows, T, vocab] log-softmax
+    is kept: the picked logit minus the log-sum-exp."""
+    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False)
+    logits = out.logits[:, prompt_len - 1:-1].float() / temperature
+    picked = logits.gather(-1, sequences[:, prompt_len:].unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
