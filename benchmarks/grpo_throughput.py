@@ -40,17 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DEMO_SFT = REPO / "minimind_scale" / "assets" / "demo" / "sft.jsonl"
-PLUGIN = REPO / "stages" / "grpo.py"
 PHASES = ("generation", "reward", "reference")
-
-
-def grpo_plugin_args() -> list[str]:
-    """`--plugin stages/grpo.py` where the installed CLI does not list the grpo stage yet."""
-    listed = subprocess.run([sys.executable, "-m", "minimind_scale", "--help"], capture_output=True, text=True,
-                            cwd=REPO).stdout
-    if any(line.split()[:1] == ["grpo"] for line in listed.splitlines()):
-        return []
-    return ["--plugin", str(PLUGIN)]
 
 
 def write_policy(args, work: Path) -> tuple[Path, int, str]:
@@ -86,10 +76,10 @@ def write_prompts(args, work: Path) -> tuple[Path, int, str]:
     return out, len(prompts), _portable(source)
 
 
-def run_grpo(args, policy: Path, prompts: Path, plugin: list[str], work: Path) -> tuple[list[dict], float]:
+def run_grpo(args, policy: Path, prompts: Path, work: Path) -> tuple[list[dict], float]:
     """The run's metrics.jsonl rows and the wall seconds of the whole command (start-up and saving included)."""
     out = work / "grpo"
-    cmd = [sys.executable, "-m", "minimind_scale", "grpo", *plugin, "--model", str(policy),
+    cmd = [sys.executable, "-m", "minimind_scale", "grpo", "--model", str(policy),
            "--data_path", str(prompts), "--out_dir", str(out), "--reward_funcs", "minimind_format",
            "--num_generations", str(args.num_generations), "--batch_size", str(args.batch_size),
            "--accumulation_steps", str(args.accumulation_steps), "--max_gen_len", str(args.max_gen_len),
@@ -181,14 +171,13 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    plugin = grpo_plugin_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         policy, params, tokenizer_used = write_policy(args, work)
         prompts, n_prompts, data_used = write_prompts(args, work)
         print(f"running grpo: {params / 1e6:.1f}M-parameter policy, {n_prompts} prompts, {args.steps} steps ...",
               flush=True)
-        metrics, wall = run_grpo(args, policy, prompts, plugin, work)
+        metrics, wall = run_grpo(args, policy, prompts, work)
     rows = step_rows(metrics, args)
     if not rows:
         sys.exit(f"metrics.jsonl has no step after the {args.warmup} warm-up step(s)")
@@ -218,7 +207,7 @@ def main() -> None:
     settings = {k: _portable(v) for k, v in vars(args).items() if k != "out"}
     settings.update(model="minimind2-small", parameters=params, tokenizer_used=tokenizer_used, data_used=data_used,
                     prompts=n_prompts, reward_funcs=["minimind_format"], device=device,
-                    plugin=_portable(PLUGIN) if plugin else None, command_wall_sec=wall)
+                    command_wall_sec=wall)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": settings, "steps": rows, "medians": med}, indent=1))
 

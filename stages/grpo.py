@@ -19,7 +19,7 @@ import torch
 from pydantic import Field, model_validator
 
 from minimind_scale import LossOutput, StageSpec, StageState, TrainConfig, register_stage
-from minimind_scale.config import BatchSize, LearningRate, ModelSource, OutDir
+from minimind_scale.config import BatchSize, LearningRate, MaxSeqLen, ModelSource, OutDir
 from minimind_scale.context import Rollout
 from minimind_scale.conversation import TURN_END, encode_prompt, normalize_messages
 from minimind_scale.errors import RecordError
@@ -44,6 +44,8 @@ class GRPOConfig(TrainConfig):
     batch_size: BatchSize = Field(2, description="prompts per micro-batch per process (each gives num_generations "
                                   "rows)")
     out_dir: OutDir = "out/grpo"
+    max_seq_len: MaxSeqLen = Field(1792, description="not used by grpo: max_prompt_len and max_gen_len bound "
+                                   "every row (default their sum)")
     reward_funcs: list[str] = Field(default_factory=list, description="reward functions: built-in names "
                                     "(minimind_format, accuracy) or FILE.py:FUNCTION, TRL's signature")
     reward_weights: list[float] = Field(default_factory=list, description="one weight per reward function, then one "
