@@ -27,6 +27,8 @@ class RewardModel:
         self.model.eval().requires_grad_(False).to(device)
         has_tokenizer = (Path(path) / "tokenizer_config.json").is_file()
         self.tokenizer = load_tokenizer(path if has_tokenizer else None)
+        if self.model.config.pad_token_id is None:  # the score is read at the last token that is not padding
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.clip, self.max_len, self.device = clip, max_len, device
 
     @torch.no_grad()
