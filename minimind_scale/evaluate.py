@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import StrictConfig
 from .errors import UserError
+from .reward_model import check_reward_model
 
 
 class EvalConfig(StrictConfig):
@@ -121,20 +122,6 @@ def evaluate_pairs(model, dataset, spec, stage_cfg, tokenizer, batch_size: int,
     return correct, margin, pairs
 
 
-def check_reward_model(path: str) -> None:
-    """A reward model gives one number per conversation: a sequence classifier with num_labels 1."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: the model failed to load ({type(e).__name__}: {e})") from None
-    if config.num_labels != 1:
-        kind = ", ".join(config.architectures or []) or config.model_type
-        raise UserError(f"{path} is not a reward model: it has num_labels {config.num_labels} ({kind}); eval --stage "
-                        "reward needs a sequence classifier with one output (train one with the reward stage)")
-
-
 def load_model(cfg: EvalConfig, tokenizer, reward: bool):
     """The causal LM, or for stage reward the sequence classifier, of `cfg.model`."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -197,7 +184,7 @@ def run(cfg: EvalConfig) -> None:
     stage = detect_stage(str(files[0])) if cfg.stage == "auto" else cfg.stage
     reward = stage == "reward"
     if reward:
-        check_reward_model(cfg.model)
+        check_reward_model(cfg.model, "eval --stage reward")
     registry.discover()
     spec = registry.get_stage(stage)
     stage_cfg = spec.config(data_path=cfg.data_path, max_seq_len=cfg.max_seq_len, num_proc=cfg.num_proc,

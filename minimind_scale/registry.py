@@ -38,6 +38,8 @@ class StageSpec(BaseModel):
         (tokens for language modelling, pairs for preference losses) plus metric sums.
     loss_units(batch) -> int: how many units the batch's loss sums over; the engine uses it to
         normalise an optimizer step over every micro-batch and rank.
+    check(cfg): optional; checks that need neither data nor a model (files the config names, such as a
+        reward function file), run before tokenising; raise UserError.
     build_model(cfg, tokenizer) -> model: optional; the model to train, built whole (default: a causal
         LM from `cfg.model`, a preset or a Hugging Face directory). A reward model or a critic is a
         different transformers class on the same backbone.
@@ -76,6 +78,7 @@ class StageSpec(BaseModel):
     collate: Callable[..., dict]
     loss: Callable[..., Any]
     loss_units: Callable[[dict], Any]
+    check: Callable[..., Any] | None = None
     build_model: Callable[..., Any] | None = None
     setup: Callable[..., Any] | None = None
     rollout: Callable[..., Any] | None = None

@@ -9,20 +9,31 @@ from .errors import UserError
 from .models import is_model_dir, load_tokenizer
 
 
+def check_reward_model(path: str, needed_by: str) -> None:
+    """A reward model gives one number per conversation: a sequence classifier with num_labels 1."""
+    from transformers import AutoConfig
+
+    if not is_model_dir(path):
+        raise UserError(f"{needed_by} {path}: not a Hugging Face model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: the model failed to load ({type(e).__name__}: {e})") from None
+    if config.num_labels != 1:
+        kind = ", ".join(config.architectures or []) or config.model_type
+        raise UserError(f"{path} is not a reward model: it has num_labels {config.num_labels} ({kind}); {needed_by} "
+                        "needs a sequence classifier with one output (train one with the reward stage)")
+
+
 class RewardModel:
     """Scores the chat-templated conversation (prompt + completion), clamped to ±clip."""
 
     name = "reward_model"
 
     def __init__(self, path: str, device, clip: float, max_len: int = 4096):
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification
 
-        if not is_model_dir(path):
-            raise UserError(f"reward_model {path}: not a Hugging Face model directory (no config.json)")
-        labels = AutoConfig.from_pretrained(path).num_labels
-        if labels != 1:
-            raise UserError(f"reward_model {path} has num_labels {labels}: a reward model scores a conversation with "
-                            "one number (train one with the reward stage)")
+        check_reward_model(path, "--reward_model")
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
         self.model.eval().requires_grad_(False).to(device)
         has_tokenizer = (Path(path) / "tokenizer_config.json").is_file()

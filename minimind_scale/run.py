@@ -74,6 +74,8 @@ def check_before_loading(spec: StageSpec, cfg: TrainConfig, env: LaunchEnv) -> t
     """Every check that needs no data and no model: (attention kernel, checkpoint to resume from)."""
     check_launcher(env)
     spec.check_options(cfg)
+    if spec.check is not None:
+        spec.check(cfg)
     check_model_source(cfg.model, cfg.hidden_size, cfg.num_hidden_layers)
     check_tracker(cfg.report_to)
     attention = resolve_attention(cfg.attn_implementation, resolve_precision(cfg.dtype))

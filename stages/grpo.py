@@ -25,7 +25,7 @@ from minimind_scale.conversation import TURN_END, encode_prompt, normalize_messa
 from minimind_scale.errors import RecordError
 from minimind_scale.policy_losses import loss_units, reduce_policy_loss, scale_advantages, token_loss
 from minimind_scale.reward_funcs import load_reward_funcs, score_completions
-from minimind_scale.reward_model import RewardModel
+from minimind_scale.reward_model import RewardModel, check_reward_model
 from minimind_scale.rows import IGNORE_INDEX
 from minimind_scale.sampling import completion_logprobs, position_ids_from_mask, sample
 
@@ -159,6 +159,13 @@ def collate(rows, tokenizer, cfg) -> dict:
 
 
 # --------------------------------------------------------------------------- set-up and rollout
+
+
+def check(cfg) -> None:
+    """Reward files and the reward model, before any tokenising: a typo there should not wait for the data."""
+    load_reward_funcs(cfg.reward_funcs)
+    if cfg.reward_model is not None:
+        check_reward_model(cfg.reward_model, "--reward_model")
 
 
 def setup(model, cfg, ctx):
@@ -306,6 +313,7 @@ SPEC = register_stage(StageSpec(
     collate=collate,
     loss=loss,
     loss_units=lambda batch: batch["_units"],
+    check=check,
     setup=setup,
     rollout=rollout,
     steps_per_rollout=steps_per_rollout,

@@ -51,16 +51,21 @@ REWARD_FILES = {
 
 
 @pytest.mark.parametrize("case", sorted(REWARD_FILES))
-def test_reward_function_problems_name_file_and_function(case, start, tmp_path):
+def test_reward_function_problems_name_file_and_function(case, start, tmp_path, capsys):
     source, expected = REWARD_FILES[case]
     file = tmp_path / f"{case}.py"
     file.write_text(source)
-    proc = run_cli(grpo(start, tmp_path / "o", "--data_path", str(start / "prompts.jsonl"), "--reward_funcs",
-                        f"{file}:f"), tmp_path / "cache", check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert str(file.name) in proc.stderr and "Traceback" not in proc.stderr
+    args = grpo(start, tmp_path / "o", "--data_path", str(start / "prompts.jsonl"), "--reward_funcs", f"{file}:f")
+    if case in ("missing", "broken"):  # found before any tokenising, in this process
+        code, err = cli_in_process(args, capsys)
+        assert not (tmp_path / "o").exists()
+    else:  # found when the rollout first calls the function
+        proc = run_cli(args, tmp_path / "cache", check=False)
+        code, err = proc.returncode, proc.stderr
+    assert code == 2, err[-2000:]
+    assert str(file.name) in err and "Traceback" not in err
     for text in expected:
-        assert text in proc.stderr, (text, proc.stderr[-1000:])
+        assert text in err, (text, err[-1000:])
 
 
 def test_reward_model_with_several_labels_is_refused(start, tmp_path, capsys):
