@@ -27,7 +27,7 @@ from minimind_scale.policy_losses import loss_units, reduce_policy_loss, scale_a
 from minimind_scale.reward_funcs import load_reward_funcs, score_completions
 from minimind_scale.reward_model import RewardModel, check_reward_model
 from minimind_scale.rows import IGNORE_INDEX
-from minimind_scale.sampling import completion_logprobs, position_ids_from_mask, sample
+from minimind_scale.sampling import completion_logprobs, sample
 
 
 class GRPOConfig(TrainConfig):
@@ -195,7 +195,7 @@ def rollout(model, batches: list[dict], cfg, ctx) -> Rollout:
                          max_new_tokens=cfg.max_gen_len, temperature=cfg.temperature, top_p=cfg.top_p,
                          top_k=cfg.top_k, end_id=end_id, pad_id=ctx.tokenizer.pad_token_id)
         scored = time.perf_counter()
-        groups.append((batch, samples, *score(batch, samples, cfg, ctx)))
+        groups.append((batch, samples, *score(batch, samples, end_id, cfg, ctx)))
         seconds["generation"] += scored - started
         seconds["reward"] += time.perf_counter() - scored
     rewards = torch.cat([g[2] for g in groups])
@@ -214,12 +214,11 @@ def rollout(model, batches: list[dict], cfg, ctx) -> Rollout:
     return Rollout(micro, metrics)
 
 
-def score(batch: dict, samples, cfg, ctx) -> tuple[torch.Tensor, dict]:
+def score(batch: dict, samples, end_id: int, cfg, ctx) -> tuple[torch.Tensor, dict]:
     """(weighted reward per completion, per-reward values) with TRL's reward-function signature."""
     g = cfg.num_generations
     prompts = [p for p in batch["prompts"] for _ in range(g)]
     ids = [row[mask.bool()].tolist() for row, mask in zip(samples.completion_ids.cpu(), samples.completion_mask.cpu())]
-    end_id = ctx.tokenizer.convert_tokens_to_ids(TURN_END)
     texts = [ctx.tokenizer.decode([t for t in row if t != end_id]) for row in ids]
     completions = [[{"role": "assistant", "content": t}] for t in texts]
     keys = sorted({k for c in batch["columns"] for k in c})
@@ -240,8 +239,7 @@ def train_rows(model, samples, advantages: torch.Tensor, cfg, ctx) -> dict:
     device = samples.sequences.device
     labels = torch.full_like(samples.sequences, IGNORE_INDEX)
     labels[:, samples.prompt_len:] = torch.where(samples.completion_mask.bool(), samples.completion_ids, IGNORE_INDEX)
-    rows = {"input_ids": samples.sequences, "attention_mask": samples.attention_mask,
-            "position_ids": position_ids_from_mask(samples.attention_mask), "labels": labels,
+    rows = {"input_ids": samples.sequences, "attention_mask": samples.attention_mask, "labels": labels,
             "completion_mask": samples.completion_mask, "advantages": advantages.to(device),
             "prompt_len": samples.prompt_len, "_tokens": samples.attention_mask.sum(),
             "_units": loss_units(cfg.loss_type, samples.completion_mask)}
