@@ -42,7 +42,18 @@ class Rollout:
     `metrics` maps a name to (sum, count) on this process; the engine logs Σ sum / Σ count over all
     processes (mean reward over completions, completion length, the share of clipped completions).
     A rollout may also return a plain list of micro-batches.
+
+    `steps`, when given, replaces `micro_batches`: the micro-batches of each optimizer step, for a stage
+    whose steps on one rollout train on different rows (PPO's shuffled mini-batches, epoch after epoch).
+    It may hold fewer entries than the stage's steps_per_rollout (a short last window of an epoch); the
+    steps it lacks are skipped. Every process must plan the same number of steps; under DeepSpeed a step
+    holds at most accumulation_steps micro-batches (DeepSpeed steps its optimizer at that count).
     """
 
-    micro_batches: list[dict]
+    micro_batches: list[dict] = field(default_factory=list)
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)
+    steps: list[list[dict]] | None = None
+
+    def plan(self, steps_per_rollout: int) -> list[list[dict]]:
+        """The micro-batches of each step this rollout trains."""
+        return self.steps if self.steps is not None else [self.micro_batches] * steps_per_rollout

@@ -55,19 +55,19 @@ def train(spec, cfg) -> Path:
     run.throughput.start()
     while state.step < run.total_steps:
         for step in step_batches(run):
-            result = optimizer_step(run, step)
+            # Kept on the step: the seam reads it to decide whether a rollout is reused further.
+            step.result = optimizer_step(run, step) if step.micro_batches else skip_update(run)
             state.step += 1
             state.batch_in_epoch += step.consumed
-            state.tokens += result.tokens
-            run.throughput.record(result.input_tokens, result.row_length)
-            if state.step % cfg.log_interval == 0 or state.step == run.total_steps:
-                log_step(run, result, bar)
+            if step.result is not None:
+                record_step(run, step.result, bar)
             bar.update(1)
-            for callback in run.callbacks:
-                callback.on_step_end(run, result)
             stopping = step.ends_rollout and stop.agreed(run.accelerator)
-            save_due = cfg.save_interval and state.step % cfg.save_interval == 0 and state.step < run.total_steps
-            if stopping or (step.ends_rollout and save_due):
+            # A rollout's steps are saved together: due when its steps crossed a multiple of save_interval.
+            every = cfg.save_interval
+            save_due = (every and state.step < run.total_steps and step.ends_rollout
+                        and state.step // every != (state.step - run.steps_per_rollout) // every)
+            if stopping or save_due:
                 saved = checkpoint(run)
             if stopping:
                 bar.close()
@@ -88,14 +88,26 @@ def train(spec, cfg) -> Path:
     return final
 
 
+def record_step(run: Run, result: StepResult, bar) -> None:
+    """Count, log and report one optimizer step that ran."""
+    state = run.state
+    state.tokens += result.tokens
+    run.throughput.record(result.input_tokens, result.row_length)
+    if state.step % run.cfg.log_interval == 0 or state.step == run.total_steps:
+        log_step(run, result, bar)
+    for callback in run.callbacks:
+        callback.on_step_end(run, result)
+
+
 @dataclass
 class StepInput:
-    """What one optimizer step trains on."""
+    """What one optimizer step trains on; no micro-batches means the step is skipped."""
 
     consumed: int                # loader batches this step takes from the epoch (0 when it reuses a rollout)
     micro_batches: list[dict]
     metrics: dict[str, tuple[float, float]]  # the rollout's own metrics: name -> (sum, count) on this process
-    ends_rollout: bool = True    # the last step that trains on these micro-batches
+    ends_rollout: bool = True    # the last step on this rollout
+    result: StepResult | None = None  # set by the loop once the step ran
 
 
 def step_batches(run: Run) -> Iterator[StepInput]:
@@ -114,9 +126,24 @@ def step_batches(run: Run) -> Iterator[StepInput]:
             yield StepInput(len(window), window, {})
             continue
         made = rollout(run, window)
-        micro_batches, metrics = (made.micro_batches, made.metrics) if isinstance(made, Rollout) else (made, {})
-        for k in range(run.steps_per_rollout):
-            yield StepInput(len(window) if k == 0 else 0, micro_batches, metrics, k == run.steps_per_rollout - 1)
+        made = made if isinstance(made, Rollout) else Rollout(made)
+        yield from rollout_steps(run, made, len(window))
+
+
+def rollout_steps(run: Run, made: Rollout, consumed: int) -> Iterator[StepInput]:
+    """The steps_per_rollout steps on one rollout. Steps the rollout did not plan, and every step after the
+    stage stopped reusing it (on metrics all processes share), are skipped, so all processes stay in step."""
+    plan, last = made.plan(run.steps_per_rollout), run.steps_per_rollout - 1
+    if len(plan) > run.steps_per_rollout:
+        raise RuntimeError(f"stage '{run.spec.name}': its rollout planned {len(plan)} steps; its steps_per_rollout "
+                           f"allows {run.steps_per_rollout}")
+    stopped = False
+    for k in range(run.steps_per_rollout):
+        step = StepInput(consumed if k == 0 else 0, plan[k] if k < len(plan) and not stopped else [],
+                         made.metrics, k == last)
+        yield step
+        if step.result is not None and run.spec.stop_reusing is not None:
+            stopped = stopped or run.spec.stop_reusing(step.result.metrics, run.cfg)
 
 
 def rollout(run: Run, window: list[dict]) -> list[dict]:
@@ -152,7 +179,11 @@ def optimizer_step(run: Run, step: StepInput) -> StepResult:
     units = max(units, 1.0)
     scale = acc.num_processes * cfg.accumulation_steps / units
     # A short window (the end of an epoch) must still sync on its last micro-batch: accelerate's
-    # accumulate() syncs when its counter reaches the accumulation steps.
+    # accumulate() syncs when its counter reaches the accumulation steps. More micro-batches than that
+    # sync more than once, which sums the same gradient under DDP, but DeepSpeed would step its optimizer.
+    if run.uses_deepspeed and len(micro_batches) > cfg.accumulation_steps:
+        raise RuntimeError(f"stage '{spec.name}': a step of {len(micro_batches)} micro-batches under DeepSpeed, "
+                           f"whose optimizer steps every accumulation_steps ({cfg.accumulation_steps}) micro-batches")
     acc.step = cfg.accumulation_steps - len(micro_batches)
     loss_sum, sums, counts = 0.0, {}, {}
     for batch in micro_batches:
@@ -213,6 +244,11 @@ def apply_update(run: Run, loss: float) -> float | None:
     return grad_norm
 
 
+def skip_update(run: Run) -> None:
+    """A step the rollout did not train: the schedule still advances, as if it had."""
+    run.scheduler.step()
+
+
 def log_step(run: Run, result: StepResult, bar) -> None:
     state = run.state
     epoch = state.epoch + state.batch_in_epoch / max(1, run.steps_per_epoch * run.cfg.accumulation_steps)
@@ -238,7 +274,8 @@ def save_final(run: Run) -> Path:
         model, staging = acc.unwrap_model(run.model), run.out_dir / f"{STAGING_PREFIX}final"
 
         def write(path: Path) -> None:
-            save_hf(model, run.ctx.tokenizer, path, state_dict=state_dict)
+            for subdir, (part, part_state) in final_parts(run.spec, model, state_dict).items():
+                save_hf(part, run.ctx.tokenizer, path / subdir, state_dict=part_state)
             if run.spec.finalize is not None:
                 run.spec.finalize(model, run.ctx.tokenizer, path, run.cfg, run.ctx)
 
@@ -246,3 +283,17 @@ def save_final(run: Run) -> Path:
             publish_once(final, write, is_complete=Path.is_dir, staging=staging, replace=True, waiters=False)
     acc.wait_for_everyone()
     return final
+
+
+def final_parts(spec, model, state_dict: dict | None) -> dict[str, tuple]:
+    """{subdirectory of final/: (model, its slice of a gathered state dict or None)}."""
+    if spec.final_models is None:
+        return {"": (model, state_dict)}
+    prefixes = {id(module): name for name, module in model.named_modules()}
+    parts = {}
+    for subdir, part in spec.final_models(model).items():
+        prefix = prefixes[id(part)] + "."
+        sliced = None if state_dict is None else {k[len(prefix):]: v for k, v in state_dict.items()
+                                                   if k.startswith(prefix)}
+        parts[subdir] = (part, sliced)
+    return parts

@@ -7,15 +7,29 @@ from .distributed import load_deepspeed_config
 from .errors import UserError
 
 
-def build_optimizer(model, cfg):
-    """AdamW; weight decay only on matrices (norm gains and biases are not decayed)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+def parameter_groups(model, cfg, rates: dict[str, float] | None = None) -> list[dict]:
+    """Weight decay only on matrices (norm gains and biases are not decayed); parameters whose name starts
+    with a prefix in `rates` get that peak learning rate. Groups at --learning_rate come first, so the
+    rate a log reports (the first group's) is the policy's."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise UserError("the model has no trainable parameters")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    rates = rates or {}
+
+    def rate(name: str) -> float:
+        return next((lr for prefix, lr in rates.items() if name.startswith(prefix)), cfg.learning_rate)
+
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in named:
+        groups.setdefault((rate(name), p.ndim >= 2), []).append(p)
+    ordered = sorted(groups, key=lambda key: (key[0] != cfg.learning_rate, not key[1]))
+    return [{"params": groups[key], "lr": key[0], "weight_decay": cfg.weight_decay if key[1] else 0.0}
+            for key in ordered]
+
+
+def build_optimizer(model, cfg, rates: dict[str, float] | None = None):
+    """AdamW over parameter_groups."""
+    groups = parameter_groups(model, cfg, rates)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.deepspeed and "offload_optimizer" in load_deepspeed_config(cfg.deepspeed).get("zero_optimization", {}):
         # ZeRO's optimizer offload steps on the CPU and accepts only DeepSpeed's CPU Adam (AdamW mode).

@@ -54,6 +54,16 @@ class StageSpec(BaseModel):
     steps_per_rollout(cfg) -> int: optional; how many optimizer steps train on one rollout (GRPO's
         num_iterations). Checkpoints and stops wait for the last of them, so a resumed run never
         needs a rollout it did not save.
+    stop_reusing(metrics, cfg) -> bool: optional; asked after each optimizer step on a rollout with that
+        step's metrics (already reduced over every process, so all processes decide alike); True skips
+        the rollout's remaining steps (PPO's early stop at target_kl). A skipped step still advances
+        the step counter and the learning-rate schedule, so --max_steps and --epochs keep their meaning.
+    learning_rates(cfg) -> {parameter-name prefix: learning rate}: optional; parameters under a prefix
+        train at their own peak rate (a critic beside its policy); the rest use --learning_rate. The
+        schedule scales every rate alike.
+    final_models(model) -> {subdirectory: module}: optional; what final/ holds when the trained module
+        is a container of several models ('' is final/ itself, e.g. {'': policy, 'critic': critic}).
+        Each is saved in Hugging Face format; default: the model itself in final/.
     finalize(model, tokenizer, final_dir, cfg, ctx): optional extra outputs after final/ is written,
         on the main process (e.g. a merged copy of an adapter model).
     state: the class of the stage's own state (a context.StageState), created once per run as ctx.state.
@@ -83,6 +93,9 @@ class StageSpec(BaseModel):
     setup: Callable[..., Any] | None = None
     rollout: Callable[..., Any] | None = None
     steps_per_rollout: Callable[..., int] | None = None
+    stop_reusing: Callable[..., bool] | None = None
+    learning_rates: Callable[..., dict[str, float]] | None = None
+    final_models: Callable[..., dict[str, Any]] | None = None
     finalize: Callable[..., Any] | None = None
     state: type[StageState] = StageState
     aliases: tuple[str, ...] = ()

@@ -145,7 +145,7 @@ def setup(spec: StageSpec, cfg: TrainConfig) -> Run:
     per_epoch = math.ceil(batches_per_epoch(len(dataset), world, cfg.batch_size) / cfg.accumulation_steps)
     reuse = spec.steps_per_rollout(cfg) if spec.steps_per_rollout is not None else 1
     total_steps = cfg.max_steps or per_epoch * cfg.epochs * reuse
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, spec.learning_rates(cfg) if spec.learning_rates is not None else None)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     if accelerator.state.deepspeed_plugin is not None:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size

@@ -53,11 +53,31 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, num_
 
 def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                         temperature: float = 1.0) -> torch.Tensor:
-    """log π(token) of every completion position, [rows, T], from logits divided by the sampling
-    temperature (the distribution the tokens were drawn from). fp32; no [rows, T, vocab] log-softmax
-    is kept: the picked logit minus the log-sum-exp."""
+    """log π(token) of every completion position, [rows, T], at the sampling temperature (fp32)."""
     out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                 use_cache=False)
-    logits = out.logits[:, prompt_len - 1:-1].float() / temperature
+    return logprobs_from_logits(out.logits, sequences, prompt_len, temperature)
+
+
+def logprobs_from_logits(logits: torch.Tensor, sequences: torch.Tensor, prompt_len: int,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """log π of each completion token from the logits divided by the sampling temperature (the distribution
+    the tokens were drawn from). No [rows, T, vocab] log-softmax is kept: the picked logit minus the log-sum-exp."""
+    logits = logits[:, prompt_len - 1:-1].float() / temperature
     picked = logits.gather(-1, sequences[:, prompt_len:].unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def concat_samples(parts: list[Samples], pad_id: int) -> Samples:
+    """Several Samples as one: prompts left-padded to the widest, completions right-padded to the longest."""
+    prompt_len = max(s.prompt_len for s in parts)
+    width = max(s.completion_mask.shape[1] for s in parts)
+    seqs, masks, completion_masks = [], [], []
+    for s in parts:
+        left, right = prompt_len - s.prompt_len, width - s.completion_mask.shape[1]
+        seqs.append(torch.nn.functional.pad(s.sequences, (left, right), value=pad_id))
+        masks.append(torch.nn.functional.pad(s.attention_mask, (left, right), value=0))
+        completion_masks.append(torch.nn.functional.pad(s.completion_mask, (0, right), value=0))
+    return Samples(sequences=torch.cat(seqs), attention_mask=torch.cat(masks),
+                   completion_mask=torch.cat(completion_masks), clipped=torch.cat([s.clipped for s in parts]),
+                   prompt_len=prompt_len)
