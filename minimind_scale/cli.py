@@ -21,6 +21,8 @@ TOOLS: dict[str, tuple[str, str, str, str]] = {
     "chat": ("minimind_scale.generate", "ChatConfig", "run", "talk to a trained model (or one answer with --prompt)"),
     "eval": ("minimind_scale.evaluate", "EvalConfig", "run",
              "loss, perplexity and token count of a model on a data set (JSON)"),
+    "eval-tools": ("minimind_scale.eval_tools", "EvalToolsConfig", "run",
+                   "play agent tasks with real tool calls (a tools .py file); pass rate as JSON"),
     "demo": ("minimind_scale.demo", "DemoConfig", "run",
              "tokenizer -> pretrain -> SFT on the bundled demo data, then chat"),
     "export": ("minimind_scale.export", "ExportConfig", "run",

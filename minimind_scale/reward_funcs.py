@@ -17,6 +17,7 @@ file, an import that fails, an exception on one sample, a wrong count, a string)
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import numbers
 import re
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .tools import parse_tool_calls, required_arguments, tool_schemas
 
 THINK_END = "</think>"
 # Keyword names the caller fills itself; record columns of the same name are not passed again.
@@ -91,8 +93,8 @@ def repetition_penalty(text: str, n: int = 3, cap: float = 0.5) -> float:
     return min(cap, repeated * 2 * cap / len(grams))
 
 
-def _minimind_format_one(text: str) -> float:
-    reward = 0.5 if 20 <= len(text.strip()) <= 800 else -0.5
+def _minimind_format_one(text: str, min_chars: int = 20) -> float:
+    reward = 0.5 if min_chars <= len(text.strip()) <= 800 else -0.5
     answer = text
     if THINK_END in text:
         thinking, after = text.split(THINK_END, 1)
@@ -173,7 +175,108 @@ def accuracy(prompts, completions, completion_ids=None, gt=None, **columns) -> l
     return out
 
 
-BUILTIN_REWARDS: dict[str, Callable[..., list]] = {"accuracy": accuracy, "minimind_format": minimind_format}
+# ---------------------------------------------------------------------------- minimind_agent
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+AGENT_CLIP = 3.0
+
+
+def _turns(completion: Any) -> list[str]:
+    """The assistant turns of a conversational completion (a plain text is one turn)."""
+    if isinstance(completion, str):
+        return [completion]
+    if isinstance(completion, dict):
+        completion = [completion]
+    turns = [completion_text([m]) for m in completion if not isinstance(m, dict) or m.get("role", "assistant")
+             == "assistant"]
+    return turns or [""]
+
+
+def _as_gt_list(value: Any) -> list:
+    items = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+    return [x for x in items if x is not None]
+
+
+def _call_is_valid(call: Any, schemas: dict[str, dict]) -> bool:
+    """A declared tool, arguments an object (or its JSON text), every required parameter present and non-empty
+    (0 and false count as given; None, "", whitespace, [] and {} do not)."""
+    if not isinstance(call, dict) or call.get("error") is not None or call.get("name") not in schemas:
+        return False
+    arguments = call.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            return False
+    if arguments is None:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        return False
+
+    def given(v):
+        return v is not None and not (isinstance(v, str) and not v.strip()) and not (
+            isinstance(v, (list, dict)) and not v)
+
+    return all(given(arguments.get(r)) for r in required_arguments(schemas[call["name"]]))
+
+
+def _agent_with_calls(answers: list[str], calls: list, schemas: dict, gt: list, unfinished: bool) -> float:
+    valid = sum(_call_is_valid(c, schemas) for c in calls)
+    gap = abs(valid - len(gt)) + (len(calls) - valid)  # missing or extra valid calls, plus every invalid one
+    reward = 0.5 if gap == 0 else -0.5 * gap
+    answer = answers[-1]
+    final = "" if unfinished else answer.rsplit(TOOL_CALL_CLOSE, 1)[-1]
+    if gt:
+        numbers_found = [float(m.replace(",", "")) for m in _NUMBER.findall(final)]
+        reward += 2.5 * sum(_matches(x, final, numbers_found) for x in gt) / len(gt)
+    if unfinished:
+        reward -= 0.5
+    return reward - repetition_penalty(final or answer)
+
+
+def minimind_agent(prompts, completions, completion_ids=None, tools=None, gt=None, unfinished=None,
+                   tool_calls=None, **columns) -> list[float]:
+    """MiniMind's tool-use trajectory reward (train_agent.py's ``calculate_rewards``, without its
+    reward-model score), clipped to ±3.
+
+    A completion is a trajectory: assistant turns and tool turns (a plain text is one assistant turn).
+    Columns: ``tools`` the declared schemas (a list of OpenAI function schemas or its JSON text),
+    ``gt`` the values the final answer must contain, ``unfinished`` whether the trajectory stopped
+    still calling tools or cut by the length limit (default false), ``tool_calls`` the calls made
+    (dicts with ``name``, ``arguments`` and, for a malformed block, ``error``; default: parsed from
+    the turns). Each turn's answer is its text after the last ``</think>``.
+      −0.5 per unbalanced ``<tool_call>``/``</tool_call>`` tag, per turn;
+      with calls: a call is valid when its tool is declared and every ``required`` parameter of the
+           schema is present and non-empty; gap = |valid − len(gt)| + invalid calls; +0.5 when the
+           gap is 0, else −0.5·gap; the final text is the last turn's answer after its last
+           ``</tool_call>`` ("" when unfinished); +2.5 × the share of gt items found in it (the
+           ``accuracy`` matching: numbers numerically, text as a case-insensitive substring);
+           −0.5 when unfinished; −repetition_penalty(final text, or the last answer when empty);
+      without calls: MiniMind's format score of the last turn (``minimind_format`` with a 5-character
+           minimum length instead of 20), which includes its repetition penalty.
+    """
+    out = []
+    for i, completion in enumerate(completions):
+        turns = _turns(completion)
+        answers = [answer_text(t).strip() for t in turns]
+        reward = -0.5 * sum(abs(a.count(TOOL_CALL_OPEN) - a.count(TOOL_CALL_CLOSE)) for a in answers)
+        calls = tool_calls[i] if tool_calls is not None else None
+        if isinstance(calls, str):  # a column that went through JSON text
+            calls = json.loads(calls) if calls.strip() else []
+        if calls is None:
+            calls = [c.as_dict() for a in answers for c in parse_tool_calls(a)]
+        if calls:
+            reward += _agent_with_calls(answers, list(calls), tool_schemas(None if tools is None else tools[i]),
+                                        _as_gt_list(None if gt is None else gt[i]),
+                                        bool(unfinished[i]) if unfinished is not None else False)
+        else:
+            reward += _minimind_format_one(turns[-1], min_chars=5)
+        out.append(max(-AGENT_CLIP, min(AGENT_CLIP, reward)))
+    return out
+
+
+BUILTIN_REWARDS: dict[str, Callable[..., list]] = {"accuracy": accuracy, "minimind_format": minimind_format,
+                                                   "minimind_agent": minimind_agent}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -87,18 +87,32 @@ def setup(model, cfg, ctx):
 
 def rollout(model, batches: list[dict], cfg, ctx) -> Rollout:
     """Sample, score and build one micro-batch per loader batch of prompts."""
+    return group_rollout(model, batches, cfg, ctx, sample_and_score)
+
+
+def sample_and_score(model, batch: dict, cfg, ctx) -> tuple:
+    """(samples, reward per completion, info) for one loader batch: num_generations completions per prompt."""
     end_id = ctx.tokenizer.convert_tokens_to_ids(TURN_END)
+    samples = sample(model, batch["input_ids"], batch["attention_mask"], num_samples=cfg.num_generations,
+                     max_new_tokens=cfg.max_gen_len, temperature=cfg.temperature, top_p=cfg.top_p,
+                     top_k=cfg.top_k, end_id=end_id, pad_id=ctx.tokenizer.pad_token_id)
+    started = time.perf_counter()
+    rewards, info = score_samples(ctx.state.scorer, ctx.tokenizer, batch, samples, cfg.num_generations, end_id)
+    return samples, rewards, {**info, "reward_sec": time.perf_counter() - started}
+
+
+def group_rollout(model, batches: list[dict], cfg, ctx, sample_and_score) -> Rollout:
+    """The GRPO family's rollout around any way of producing scored groups: `sample_and_score(model, batch,
+    cfg, ctx)` gives (Samples, rewards, info with "per_function", "prompts", "texts", "reward_sec" and
+    optionally "metrics", more (sum, count) pairs) for one loader batch; this computes group advantages,
+    the frozen log-probs and the metrics."""
     groups, seconds = [], {"generation": 0.0, "reward": 0.0, "reference": 0.0}
     for batch in batches:
         started = time.perf_counter()
-        samples = sample(model, batch["input_ids"], batch["attention_mask"], num_samples=cfg.num_generations,
-                         max_new_tokens=cfg.max_gen_len, temperature=cfg.temperature, top_p=cfg.top_p,
-                         top_k=cfg.top_k, end_id=end_id, pad_id=ctx.tokenizer.pad_token_id)
-        scored = time.perf_counter()
-        groups.append((batch, samples, *score_samples(ctx.state.scorer, ctx.tokenizer, batch, samples,
-                                                     cfg.num_generations, end_id)))
-        seconds["generation"] += scored - started
-        seconds["reward"] += time.perf_counter() - scored
+        samples, rewards, info = sample_and_score(model, batch, cfg, ctx)
+        groups.append((batch, samples, rewards, info))
+        seconds["generation"] += time.perf_counter() - started - info["reward_sec"]
+        seconds["reward"] += info["reward_sec"]
     rewards = torch.cat([g[2] for g in groups])
     advantages, group_std = scale_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
     ctx.state.rollouts += 1
@@ -112,6 +126,10 @@ def rollout(model, batches: list[dict], cfg, ctx) -> Rollout:
                     cfg.num_iterations, [p for g in groups for p in g[3]["prompts"]],
                     [t for g in groups for t in g[3]["texts"]], rewards, ctx.accelerator.is_main_process)
     metrics = rollout_metrics(groups, rewards, advantages, group_std)
+    for _, _, _, info in groups:
+        for name, (total, count) in info.get("metrics", {}).items():
+            before = metrics.get(name, (0.0, 0.0))
+            metrics[name] = (before[0] + total, before[1] + count)
     # Wall time of each rollout phase on this process (averaged over processes), for throughput work.
     metrics.update({f"time/{phase}_sec": (value, 1.0) for phase, value in seconds.items()})
     return Rollout(micro, metrics)

@@ -97,3 +97,42 @@ def varied_sft(tmp_path_factory) -> Path:
             i += turns
             f.write(json.dumps({"conversations": conv}) + "\n")
     return out
+
+
+AGENT_DATA = REPO / "tests" / "data" / "agent"
+AGENT_TOOLS = REPO / "examples" / "agent_tools.py"
+
+
+@pytest.fixture(scope="session")
+def tool_memorised_model(tmp_path_factory, data_cache) -> tuple[Path, Path, Path]:
+    """(model_dir, tasks_file, tools_file): a tiny model (hidden 64, 2 layers, the bundled tokenizer, whose
+    chat template renders as MiniMind's) that `full_sft` trained until it has memorised one tool-using
+    conversation, tests/data/agent/tool_sft.jsonl: the system turn declares calculate_math, the user asks
+    "What is 37 * 43?", the assistant calls calculate_math {"expression": "37 * 43"}, the tool answers
+    {"result": "1591"}, the assistant says "37 * 43 = 1591.". tasks_file (tests/data/agent/tasks.jsonl) is
+    that prompt as an agent_rl task with gt ["1591"]; tools_file is examples/agent_tools.py. Played out
+    greedily with those tools, the model calls the tool, reads its result and answers; about 20 s of CPU."""
+    import shutil
+
+    from minimind_scale.agent_data import read_agent_tasks
+    from minimind_scale.tools import load_tools
+
+    sft = json.loads((AGENT_DATA / "tool_sft.jsonl").read_text())
+    task = read_agent_tasks(AGENT_DATA / "tasks.jsonl")[0]
+    # The memorised conversation must be the task's prompt followed by what the real tool returns.
+    turns = sft["conversations"]
+    assert [t["content"] for t in turns[:2]] == [m["content"] for m in task.messages]
+    assert json.loads(turns[0]["tools"]) == task.tools
+    call = turns[2]["tool_calls"][0]
+    with load_tools(AGENT_TOOLS) as tools:
+        assert tools.call(call["name"], call["arguments"]).content == turns[3]["content"]
+
+    root = tmp_path_factory.mktemp("tool_model")
+    data = root / "sft.jsonl"
+    shutil.copy(AGENT_DATA / "tool_sft.jsonl", data)
+    run_cli(["full_sft", "--model", "tiny", "--hidden_size", "64", "--num_hidden_layers", "2", "--data_path", str(data),
+             "--out_dir", str(root / "run"), "--max_steps", "150", "--batch_size", "1", "--max_seq_len", "640",
+             "--packing", "false", "--learning_rate", "1e-2", "--min_lr_ratio", "0.5", "--warmup_steps", "0",
+             "--dtype", "fp32", "--num_proc", "1", "--seed", "0", "--save_interval", "0", "--log_interval", "50"],
+            data_cache)
+    return root / "run" / "final", AGENT_DATA / "tasks.jsonl", AGENT_TOOLS

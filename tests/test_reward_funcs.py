@@ -129,7 +129,7 @@ def test_accuracy_is_none_without_gt():
 
 
 def test_builtins_are_listed():
-    assert set(BUILTIN_REWARDS) == {"accuracy", "minimind_format"}
+    assert set(BUILTIN_REWARDS) == {"accuracy", "minimind_format", "minimind_agent"}
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -1,0 +1,132 @@
+"""agent: tool-use RL — GRPO on multi-turn trajectories that really call the user's tools.
+
+Each prompt (MiniMind's agent_rl format: a system turn declaring its tools, user turns, `gt`) is played
+out num_generations times by minimind_scale/trajectory.py: generate; run the turn's `<tool_call>`
+blocks through the tools file's functions; append the results as tool turns through the chat
+template; generate again, up to max_turns. Observation tokens are masked out of the loss and of the
+importance ratio; every assistant turn's end-of-turn token is trained. The reward is the built-in
+`minimind_agent` trajectory reward plus any --reward_funcs (which also receive `tool_calls`,
+`tool_results`, `unfinished`, `turns` and the record's `tools` and `gt` as columns), then GRPO's group
+advantages and loss (every --loss_type).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pydantic import Field
+
+from minimind_scale import StageSpec, register_stage
+from minimind_scale import prompts as prompt_rows
+from minimind_scale.agent_data import agent_prompt
+from minimind_scale.config import OutDir
+from minimind_scale.conversation import TURN_END, encode_prompt
+from minimind_scale.scoring import RewardScorer, check_rewards, frozen_reference
+from minimind_scale.stages.grpo import GRPOConfig, GRPOState, group_rollout, loss, steps_per_rollout
+from minimind_scale.tools import ToolBox, load_tools
+from minimind_scale.trajectory import run_trajectories
+
+
+class AgentConfig(GRPOConfig):
+    """GRPO's options (loss types, group size, KL) on tool-using trajectories; max_gen_len bounds each turn."""
+
+    builtin_reward_funcs: ClassVar[tuple[str, ...]] = ("minimind_agent",)
+
+    tools: str = Field(..., description="Python file whose public functions are the tools (examples/agent_tools.py)")
+    out_dir: OutDir = "out/agent"
+    max_turns: int = Field(3, ge=1, description="most assistant turns per trajectory")
+    tool_timeout_sec: float = Field(1.0, gt=0, description="a tool call running longer is stopped (an error result)")
+    max_tool_result_chars: int = Field(2048, ge=1, description="tool results are cut to this many characters")
+
+
+@dataclass
+class AgentState(GRPOState):
+    toolbox: ToolBox | None = None
+
+
+# --------------------------------------------------------------------------- data
+
+
+def encode(record: dict, tokenizer, cfg) -> dict:
+    """The prompt (ids only bound its length: each trajectory renders it again), its messages, and as
+    reward columns the record's other keys with its tool schemas and gt."""
+    messages, tools, gt = agent_prompt(record)
+    ids = encode_prompt(messages, tools, tokenizer, open_thinking=prompt_rows.thinking_open(messages, cfg))
+    columns = {k: v for k, v in record.items() if k not in prompt_rows.PROMPT_KEYS}
+    columns.update(tools=tools, gt=gt)
+    return {"prompt_ids": ids[-cfg.max_prompt_len:], "prompt": json.dumps(messages, ensure_ascii=False),
+            "columns": json.dumps(columns, ensure_ascii=False)}
+
+
+# --------------------------------------------------------------------------- set-up and rollout
+
+
+def check(cfg) -> None:
+    check_rewards(cfg)
+    load_tools(cfg.tools).close()  # a tools file that does not load stops the run before tokenising
+
+
+def setup(model, cfg, ctx):
+    ctx.state.scorer = RewardScorer(cfg, ctx.accelerator.device)
+    ctx.state.toolbox = load_tools(cfg.tools, cfg.tool_timeout_sec, cfg.max_tool_result_chars)
+    if cfg.beta > 0:
+        ctx.state.ref_model = frozen_reference(model, cfg.ref_model, ctx.accelerator.device)
+    return model
+
+
+def rollout(model, batches: list[dict], cfg, ctx):
+    return group_rollout(model, batches, cfg, ctx, play_and_score)
+
+
+def play_and_score(model, batch: dict, cfg, ctx) -> tuple:
+    """num_generations trajectories per prompt, scored: (samples, reward per trajectory, info)."""
+    g = cfg.num_generations
+    tools = [c.get("tools") for c in batch["columns"]]
+    played = run_trajectories(model, ctx.tokenizer, batch["prompts"], tools, ctx.state.toolbox, num_samples=g,
+                              max_turns=cfg.max_turns, max_new_tokens=cfg.max_gen_len, do_sample=True,
+                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                              open_thinking=[prompt_rows.thinking_open(m, cfg) for m in batch["prompts"]],
+                              end_id=ctx.tokenizer.convert_tokens_to_ids(TURN_END),
+                              pad_id=ctx.tokenizer.pad_token_id)
+    started = time.perf_counter()
+    samples = played.samples
+    prompts = [p for p in batch["prompts"] for _ in range(g)]
+    ids = [row[mask.bool()].tolist() for row, mask in zip(samples.completion_ids.cpu(), samples.completion_mask.cpu())]
+    keys = sorted({k for c in batch["columns"] for k in c})
+    columns = {k: [c.get(k) for c in batch["columns"] for _ in range(g)] for k in keys}
+    columns.update(played.columns())
+    rewards, per_function = ctx.state.scorer(prompts, played.messages, ids, played.final_answer, columns)
+    texts = [json.dumps(m, ensure_ascii=False) for m in played.messages]
+    return samples, rewards, {"per_function": per_function, "prompts": prompts, "texts": texts,
+                              "metrics": trajectory_metrics(played), "reward_sec": time.perf_counter() - started}
+
+
+def trajectory_metrics(played) -> dict[str, tuple[float, float]]:
+    """(sum, count) on this process: calls and turns per trajectory, the share of executed calls that
+    failed, and the share of trajectories left unfinished."""
+    n = float(len(played.turns))
+    calls = float(sum(len(c) for c in played.tool_calls))
+    executed = float(sum(len(r) for r in played.tool_results))
+    return {"tool_calls_per_sample": (calls, n), "tool_failure_ratio": (float(sum(played.tool_failures)), executed),
+            "turns_per_sample": (float(sum(played.turns)), n), "unfinished_ratio": (float(sum(played.unfinished)), n)}
+
+
+SPEC = register_stage(StageSpec(
+    name="agent",
+    help="tool-use RL: GRPO on multi-turn trajectories that call the functions of a tools file",
+    config=AgentConfig,
+    encode=encode,
+    collate=prompt_rows.collate,
+    loss=loss,
+    loss_units=lambda batch: batch["_units"],
+    check=check,
+    setup=setup,
+    rollout=rollout,
+    steps_per_rollout=steps_per_rollout,
+    state=AgentState,
+    packable=False,
+    value_columns=prompt_rows.VALUE_COLUMNS,
+    data_fields=prompt_rows.DATA_FIELDS,
+))
