@@ -40,6 +40,10 @@ class ActorCritic(torch.nn.Module):
         self.actor.set_attn_implementation(attention)
         self.critic.set_attn_implementation(attention)
 
+    def tie_weights(self) -> None:
+        self.actor.tie_weights()
+        self.critic.tie_weights()
+
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.actor.gradient_checkpointing_enable(**kwargs)
         self.critic.gradient_checkpointing_enable(**kwargs)

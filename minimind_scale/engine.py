@@ -287,12 +287,10 @@ def save_final(run: Run) -> Path:
 
 def final_parts(spec, model, state_dict: dict | None) -> dict[str, tuple]:
     """{subdirectory of final/: (model, its slice of a gathered state dict or None)}."""
-    if spec.final_models is None:
-        return {"": (model, state_dict)}
     prefixes = {id(module): name for name, module in model.named_modules()}
     parts = {}
-    for subdir, part in spec.final_models(model).items():
-        prefix = prefixes[id(part)] + "."
+    for subdir, part in spec.published_models(model).items():
+        prefix = prefixes[id(part)] + "." if prefixes[id(part)] else ""
         sliced = None if state_dict is None else {k[len(prefix):]: v for k, v in state_dict.items()
                                                    if k.startswith(prefix)}
         parts[subdir] = (part, sliced)

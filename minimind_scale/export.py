@@ -157,7 +157,9 @@ def run(cfg: ExportConfig) -> Path:
         else:
             model = AutoModelForCausalLM.from_config(model_config(run_dir, run_cfg, tokenizer), dtype=torch.float32)
         load_weights(model, weights, ckpt)
-        save_hf(model.to(DTYPES[cfg.dtype]), tokenizer, out)
+        parts = spec.published_models(model) if spec is not None else {"": model}
+        for subdir, part in parts.items():  # a policy and its critic: out/ and out/critic/
+            save_hf(part.to(DTYPES[cfg.dtype]), tokenizer, out / subdir)
     note = (" (adapter only; --merge_lora writes a full model)"
             if any(".lora_A." in k for k in weights) and not cfg.merge_lora else "")
     print(f"exported {ckpt}{' (ZeRO)' if is_zero_checkpoint(ckpt) else ''} -> {out}{note}")

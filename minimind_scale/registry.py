@@ -33,6 +33,13 @@ class StageSpec(BaseModel):
 
     encode(record, tokenizer, cfg) -> dict of columns for one raw jsonl record; raise RecordError
         for a malformed record. Run through ``datasets.map`` once and cached.
+    encode_batch(records, tokenizer, cfg) -> list with one entry per record, in order: the dict
+        `encode` returns for it, or the RecordError `encode` raises for it (returned, not raised, so
+        one bad record never stops the others). Optional; when given, data preparation uses it instead
+        of `encode` on each batch of parsed records (e.g. to render every record, then tokenise them in
+        one call). It must equal `encode` record by record; `encode` stays required (the first record's
+        columns are probed with it, and other code may encode one record). A RecordError raised out of
+        encode_batch itself makes that batch fall back to `encode`, record by record.
     collate(rows, tokenizer, cfg) -> dict of tensors for a list of encoded rows.
     loss(model, batch, cfg, ctx) -> LossOutput: the SUM of the loss over the batch's loss units
         (tokens for language modelling, pairs for preference losses) plus metric sums.
@@ -85,6 +92,7 @@ class StageSpec(BaseModel):
     help: str
     config: type[TrainConfig]
     encode: Callable[..., dict]
+    encode_batch: Callable[..., list] | None = None
     collate: Callable[..., dict]
     loss: Callable[..., Any]
     loss_units: Callable[[dict], Any]
@@ -122,6 +130,10 @@ class StageSpec(BaseModel):
         if not (isinstance(v, type) and issubclass(v, StageState)):
             raise ValueError("state must be a subclass of minimind_scale.StageState")
         return v
+
+    def published_models(self, model) -> dict[str, Any]:
+        """{subdirectory of final/ ('' for final/ itself): model} for the trained (unwrapped) module."""
+        return self.final_models(model) if self.final_models is not None else {"": model}
 
     def check_options(self, cfg) -> None:
         """Refuse a config option this stage would not honour: silently ignoring it would train

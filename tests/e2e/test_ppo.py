@@ -1,5 +1,6 @@
 """PPO end to end on a tiny model: it learns from a user's reward file, final/ and final/critic/ load with the
-Auto classes, a kill -9 resume on 2 processes (DDP) gives the uninterrupted run's numbers, and under ZeRO-3 the
+Auto classes, a kill -9 resume on 2 processes (DDP) gives the uninterrupted run's numbers (and its checkpoint
+exports to the same policy and a critic), and under ZeRO-3 the
 target-KL early stop skips the same updates on every process."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from test_grpo import free_port, grpo_files, kill_after_checkpoint  # noqa: F401  (grpo_files is a fixture)
 
 from conftest import REPO, cli_env, read_metrics, run_cli
@@ -58,6 +60,17 @@ def test_ppo_resume_after_kill_9_on_2_processes_matches_an_uninterrupted_run(tmp
     for a, b in zip(full, resumed):
         for key in ("loss", "reward", "value_loss", "approx_kl", "kl", "completion_length"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+    # export turns a ppo checkpoint into the policy and its critic, as final/ holds them
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    run_cli(["export", "--checkpoint", str(out / "checkpoints" / "step_8"), "--out_dir", str(tmp_path / "exported")],
+            data_cache)
+    final_policy = AutoModelForCausalLM.from_pretrained(out / "final")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    for (name, a), b in zip(final_policy.state_dict().items(), exported.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert AutoModelForTokenClassification.from_pretrained(tmp_path / "exported" / "critic").config.num_labels == 1
 
 
 def test_ppo_under_zero3_stops_early_on_every_process_together(tmp_path, data_cache, grpo_files):  # noqa: F811
