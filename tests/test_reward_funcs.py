@@ -158,7 +158,7 @@ def test_load_builtins_and_a_file_function(tmp_path):
 def test_unknown_name_lists_the_builtins():
     with pytest.raises(UserError) as e:
         load_reward_funcs(["acuracy"])
-    assert "acuracy" in str(e.value) and "accuracy, minimind_format" in str(e.value)
+    assert "acuracy" in str(e.value) and "accuracy, minimind_agent, minimind_format" in str(e.value)
     with pytest.raises(UserError, match="FILE.py:FUNCTION"):
         load_reward_funcs(["rewards.py"])
 
