@@ -19,6 +19,8 @@ TOOLS: dict[str, tuple[str, str, str, str]] = {
     "train-tokenizer": ("minimind_scale.tokenizer_train", "TrainTokenizerConfig", "run",
                         "train a ByteLevel BPE tokenizer with the ChatML chat template"),
     "chat": ("minimind_scale.generate", "ChatConfig", "run", "talk to a trained model (or one answer with --prompt)"),
+    "serve": ("minimind_scale.serve", "ServeConfig", "run",
+              "an OpenAI-compatible HTTP server (streaming, reasoning, tool calls) with a web chat page"),
     "eval": ("minimind_scale.evaluate", "EvalConfig", "run",
              "loss, perplexity and token count of a model on a data set (JSON)"),
     "eval-tools": ("minimind_scale.eval_tools", "EvalToolsConfig", "run",

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .config import StrictConfig
 from .errors import UserError
 from .reward_model import check_reward_model
+from .yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions, load_config
 
 
 class EvalConfig(StrictConfig):
@@ -45,6 +46,8 @@ class EvalConfig(StrictConfig):
     stage: Literal["auto", "pretrain", "full_sft", "sft", "reward"] = Field(
         "auto", description="how records are encoded: auto = pretrain when the first record has \"text\", "
                             "else full_sft; reward = chosen/rejected pairs scored by a reward model")
+    yarn_factor: YarnFactor = None
+    yarn_original_max_position_embeddings: YarnOriginalPositions = DEFAULT_ORIGINAL_POSITIONS
 
 
 def detect_stage(path: str) -> str:
@@ -127,8 +130,10 @@ def load_model(cfg: EvalConfig, tokenizer, reward: bool):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    config = load_config(cfg.model, cfg.yarn_factor, cfg.yarn_original_max_position_embeddings)
     try:
-        model = auto.from_pretrained(cfg.model, dtype=torch_dtype(cfg.dtype))
+        model = auto.from_pretrained(cfg.model, dtype=torch_dtype(cfg.dtype),
+                                     **({"config": config} if config is not None else {}))
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg.model}: the model failed to load ({type(e).__name__}: {e})") from None
     if model.get_input_embeddings().num_embeddings < len(tokenizer):

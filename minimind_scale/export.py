@@ -15,6 +15,7 @@ from pydantic import Field
 
 from .config import StrictConfig, load_yaml
 from .errors import UserError
+from .yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions, apply_yarn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_MARKERS = ("lora_A", "lora_B")
@@ -30,6 +31,8 @@ class ExportConfig(StrictConfig):
     merge_lora: bool = Field(False, description="LoRA runs: merge the adapter into the base and write a full model "
                                                 "(default: write the adapter)")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="precision of the written weights")
+    yarn_factor: YarnFactor = None
+    yarn_original_max_position_embeddings: YarnOriginalPositions = DEFAULT_ORIGINAL_POSITIONS
 
 
 def is_zero_checkpoint(ckpt: Path) -> bool:
@@ -118,6 +121,13 @@ def lora_model(run_dir: Path, run: dict, weights: dict, ckpt: Path):
     return model
 
 
+def with_yarn(model, cfg: ExportConfig):
+    """`model` with the YaRN options set in its config. Only the written config changes: YaRN rescales
+    positions when the model runs, not its weights."""
+    apply_yarn(model.config, cfg.yarn_factor, cfg.yarn_original_max_position_embeddings)
+    return model
+
+
 def training_stage(ckpt: Path):
     """The StageSpec that wrote the checkpoint, where its trainer state names one that is registered."""
     from . import registry
@@ -143,8 +153,11 @@ def run(cfg: ExportConfig) -> Path:
     if any(m in k for k in weights for m in LORA_MARKERS):
         model = lora_model(run_dir, run_cfg, weights, ckpt)
         if cfg.merge_lora:
-            save_hf(model.merge_and_unload().to(DTYPES[cfg.dtype]), tokenizer, out)
+            save_hf(with_yarn(model.merge_and_unload(), cfg).to(DTYPES[cfg.dtype]), tokenizer, out)
         else:
+            if cfg.yarn_factor is not None:
+                raise UserError("--yarn_factor: an adapter has no config of its own to carry it; add --merge_lora "
+                                "true to write a full model, or pass --yarn_factor to chat/serve/eval with it")
             # Without merging, the natural export of a LoRA run is its adapter, as final/ holds it.
             model.to(DTYPES[cfg.dtype]).save_pretrained(out)
             tokenizer.save_pretrained(out)
@@ -159,7 +172,7 @@ def run(cfg: ExportConfig) -> Path:
         load_weights(model, weights, ckpt)
         parts = spec.published_models(model) if spec is not None else {"": model}
         for subdir, part in parts.items():  # a policy and its critic: out/ and out/critic/
-            save_hf(part.to(DTYPES[cfg.dtype]), tokenizer, out / subdir)
+            save_hf(with_yarn(part, cfg).to(DTYPES[cfg.dtype]), tokenizer, out / subdir)
     note = (" (adapter only; --merge_lora writes a full model)"
             if any(".lora_A." in k for k in weights) and not cfg.merge_lora else "")
     print(f"exported {ckpt}{' (ZeRO)' if is_zero_checkpoint(ckpt) else ''} -> {out}{note}")

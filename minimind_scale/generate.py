@@ -19,6 +19,7 @@ from .config import StrictConfig
 from .conversation import encode_prompt
 from .errors import UserError
 from .models import is_model_dir, load_tokenizer
+from .yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions, load_config
 
 THINK_OPEN = "<think>\n"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
@@ -42,6 +43,8 @@ class ChatConfig(StrictConfig):
     think: bool = Field(False, description="let the model reason first (open_thinking) and show the reasoning")
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="weights dtype: auto = bf16 on a GPU that supports it, else fp32")
+    yarn_factor: YarnFactor = None
+    yarn_original_max_position_embeddings: YarnOriginalPositions = DEFAULT_ORIGINAL_POSITIONS
 
 
 def strip_empty_think(text: str) -> str:
@@ -95,8 +98,10 @@ def pick_dtype(dtype: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load_chat_model(model_dir: str, adapter: str | None = None, dtype: str = "auto"):
-    """(model, tokenizer) ready for generation, on the GPU when there is one."""
+def load_chat_model(model_dir: str, adapter: str | None = None, dtype: str = "auto", yarn_factor: float | None = None,
+                    yarn_original_max_position_embeddings: int = DEFAULT_ORIGINAL_POSITIONS):
+    """(model, tokenizer) ready for generation, on the GPU when there is one; `yarn_factor` extends the
+    context with YaRN (see yarn.py)."""
     from transformers import AutoModelForCausalLM
 
     if not Path(model_dir).is_dir():
@@ -104,8 +109,10 @@ def load_chat_model(model_dir: str, adapter: str | None = None, dtype: str = "au
     if not is_model_dir(model_dir):
         raise UserError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
     tokenizer = load_tokenizer(None, model_dir)
+    config = load_config(model_dir, yarn_factor, yarn_original_max_position_embeddings)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=pick_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=pick_dtype(dtype),
+                                                     **({"config": config} if config is not None else {}))
     except (OSError, ValueError) as e:
         raise UserError(f"{model_dir}: the model failed to load ({type(e).__name__}: {e})") from None
     if adapter is not None:
@@ -160,7 +167,8 @@ def _trim_history(history: list[dict], system: list[dict], tokenizer, room: int)
 
 
 def run(cfg: ChatConfig) -> None:
-    model, tokenizer = load_chat_model(cfg.model, cfg.adapter, cfg.dtype)
+    model, tokenizer = load_chat_model(cfg.model, cfg.adapter, cfg.dtype, cfg.yarn_factor,
+                                       cfg.yarn_original_max_position_embeddings)
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, think=cfg.think)
     if cfg.seed is not None:
