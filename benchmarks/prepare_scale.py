@@ -24,6 +24,22 @@
 Prints a Markdown table and writes JSON (paths relative to the work directory, the 1-minute load average
 before and after each run: other work on the machine slows the timings). The work directory (corpus,
 cache, logs, per-sample memory traces mem_*.tsv) is deleted unless --keep.
+
+    python benchmarks/prepare_scale.py --ratios [--repeats 3] [--num_proc 2] [--pretrain_mb 60] [--sft_mb 30]
+        [--out benchmarks/results/prepare_ratios.json]
+
+--ratios measures `prepare` against the raw Rust tokenizer on the shared real data instead (both cases in
+one run, so other load on the machine weighs on both sides alike): a pretrain corpus of --pretrain_mb MB
+(the ../shared/data/pretrain_*.jsonl lines, repeated) and an SFT corpus of --sft_mb MB (the sft_*.jsonl
+lines: alpaca, identity and tool-call conversations). Each repeat runs, per case, the real
+`prepare pretrain` / `prepare full_sft` (cold cache, --num_proc workers, packing on, max_seq_len 512),
+timed from start to exit, then `Tokenizer.encode_batch` on the same texts in a fresh process: the
+`text` fields for pretrain; for SFT the conversations already rendered by `apply_chat_template`
+(rendering not timed). The tokenizer runs twice: on one thread (TOKENIZERS_PARALLELISM=false, as
+prepare's workers each run it), the reference of the ratio targets, and with its default parallelism
+(all cores). A ratio is the raw tokenizer's time over prepare's time on the same records (= prepare's
+tokens/s over the tokenizer's, counting the tokenizer's tokens on both sides; prepare keeps fewer,
+having truncated to max_seq_len). Prints the range of each ratio over the repeats.
 """
 from __future__ import annotations
 
@@ -330,7 +346,139 @@ def _when(lines: list[tuple[float, str]], needle: str) -> float | None:
     return next((round(t, 2) for t, s in lines if needle in s), None)
 
 
+# --------------------------------------------------------------------------- prepare vs the raw tokenizer
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+RATIO_CASES = {"pretrain": "pretrain_", "full_sft": "sft_"}
+
+
+def shared_corpus(path: Path, prefix: str, size_bytes: int) -> dict:
+    """The non-blank lines of ../shared/data/PREFIX*.jsonl (files in name order), repeated until `size_bytes`."""
+    lines = [line for f in sorted(SHARED_DATA.glob(f"{prefix}*.jsonl")) for line in open(f, "rb") if line.strip()]
+    if not lines:
+        raise SystemExit(f"no {prefix}*.jsonl in {SHARED_DATA}")
+    written = n = 0
+    with open(path, "wb") as f:
+        while written < size_bytes:
+            line = lines[n % len(lines)]
+            f.write(line if line.endswith(b"\n") else line + b"\n")
+            written += len(line)
+            n += 1
+    return {"bytes": written, "lines": n}
+
+
+def raw_tokenizer(stage: str, corpus: str, tokenizer: str) -> dict:
+    """In this process: encode_batch over the corpus's texts (SFT: rendered by the chat template first, not
+    timed); the tokenizer's own parallelism is whatever the environment leaves it (all cores by default)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    records = [json.loads(line) for line in open(corpus, "rb") if line.strip()]
+    if stage == "pretrain":
+        texts = [r["text"] for r in records]
+    else:
+        from minimind_scale.conversation import normalize_messages
+
+        texts = []
+        for r in records:
+            messages, tools = normalize_messages(r)
+            texts.append(tok.apply_chat_template(messages, tools=tools, tokenize=False))
+    backend = tok.backend_tokenizer
+    t = time.perf_counter()
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    seconds = time.perf_counter() - t
+    return {"texts": len(texts), "tokens": sum(len(e.ids) for e in encodings), "seconds": round(seconds, 3)}
+
+
+def _range(values: list[float], fmt: str = "{:.2f}") -> str:
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+
+def measure_ratios(args) -> None:
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="prepare_ratios-", dir="/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = {"pretrain": args.pretrain_mb, "full_sft": args.sft_mb}
+    corpora, runs = {}, {stage: [] for stage in RATIO_CASES}
+    try:
+        for stage, prefix in RATIO_CASES.items():
+            corpora[stage] = {"path": work / f"{stage}_shared.jsonl"}
+            corpora[stage].update(shared_corpus(corpora[stage]["path"], prefix, int(sizes[stage] * 1e6)))
+        prep_env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        raw_envs = {"1 thread": prep_env,
+                    "all cores": {k: v for k, v in prep_env.items() if k != "TOKENIZERS_PARALLELISM"}}
+        for rep in range(args.repeats):
+            for stage in RATIO_CASES:
+                corpus, cache = corpora[stage]["path"], work / "cache"
+                shutil.rmtree(cache, ignore_errors=True)
+                cmd = [sys.executable, "-m", "minimind_scale", "prepare", stage, "--data_path", str(corpus),
+                       "--max_seq_len", str(args.max_seq_len), "--num_proc", str(args.num_proc),
+                       "--tokenizer", os.path.relpath(args.tokenizer, REPO)]
+                prep = run_measured(cmd, dict(prep_env, MINIMIND_SCALE_CACHE=str(cache)), work / f"{stage}.log",
+                                    echo=not args.quiet)
+                if prep["rc"] != 0:
+                    raise SystemExit(f"prepare {stage} failed (exit {prep['rc']}); see {work / (stage + '.log')}")
+                unpacked = Path(next(s for _, s in reversed(prep["lines"]) if s.strip().startswith("/")).strip())
+                report = json.loads((unpacked / "data_report.json").read_text())
+                raw_cmd = [sys.executable, str(Path(__file__).resolve()), "--_raw", stage, str(corpus),
+                           "--tokenizer", args.tokenizer]
+                raw = {name: json.loads(subprocess.run(raw_cmd, env=env, cwd=str(REPO), check=True, capture_output=True,
+                                                       text=True).stdout.strip().splitlines()[-1])
+                       for name, env in raw_envs.items()}
+                prep.pop("mem")
+                lines = prep.pop("lines")
+                tokens = raw["1 thread"]["tokens"]
+                run = {"prepare_s": prep["wall_s"], "tokenised_at_s": _when(lines, "tokenised "),
+                       "packed_at_s": _when(lines, "packed "), "records": report["records"],
+                       "kept_tokens": report["tokens"], "raw_tokens": tokens,
+                       "prepare_tokens_per_s": round(tokens / prep["wall_s"]),
+                       "load_avg_1min": prep["load_avg_1min"], "peak_rss_sum_mb": prep["peak_rss_sum_mb"]}
+                for name, r in raw.items():
+                    key = name.replace(" ", "_")
+                    run[f"raw_s_{key}"] = r["seconds"]
+                    run[f"raw_tokens_per_s_{key}"] = round(r["tokens"] / r["seconds"])
+                    run[f"ratio_{key}"] = round(r["seconds"] / prep["wall_s"], 3)
+                runs[stage].append(run)
+                print(f"[{rep + 1}/{args.repeats}] {stage}: prepare {run['prepare_s']:.1f} s (tokenised at "
+                      f"{run['tokenised_at_s']} s); raw encode_batch {run['raw_s_1_thread']:.1f} s on 1 thread, "
+                      f"{run['raw_s_all_cores']:.1f} s on all cores -> ratios {run['ratio_1_thread']:.2f}, "
+                      f"{run['ratio_all_cores']:.2f}", file=sys.stderr)
+        print(f"\n`prepare` vs the raw tokenizer's encode_batch on the shared real data, {args.num_proc} workers, "
+              f"{os.cpu_count()} CPUs, {args.repeats} runs (ranges)\n")
+        print("| case | corpus | records | tokens | prepare s | prepare tokens/s | raw s, 1 thread | "
+              "raw tokens/s, 1 thread | ratio to 1 thread | raw s, all cores | ratio to all cores |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for stage, rs in runs.items():
+            c = corpora[stage]
+            print(f"| {stage} | {c['bytes'] / 1e6:.0f} MB | {rs[0]['records']:,} | {rs[0]['raw_tokens']:,} | "
+                  f"{_range([r['prepare_s'] for r in rs], '{:.1f}')} | "
+                  f"{_range([r['prepare_tokens_per_s'] / 1e3 for r in rs], '{:.0f}k')} | "
+                  f"{_range([r['raw_s_1_thread'] for r in rs], '{:.1f}')} | "
+                  f"{_range([r['raw_tokens_per_s_1_thread'] / 1e3 for r in rs], '{:.0f}k')} | "
+                  f"{_range([r['ratio_1_thread'] for r in rs])} | "
+                  f"{_range([r['raw_s_all_cores'] for r in rs], '{:.1f}')} | "
+                  f"{_range([r['ratio_all_cores'] for r in rs])} |")
+        ratios = {stage: {k: [r[f"ratio_{k}"] for r in rs] for k in ("1_thread", "all_cores")}
+                  for stage, rs in runs.items()}
+        print(f"\nratio to the raw tokenizer on 1 thread: SFT {_range(ratios['full_sft']['1_thread'])} "
+              f"(target >= 0.7), pretrain {_range(ratios['pretrain']['1_thread'])} (target >= 0.8); on all cores: SFT "
+              f"{_range(ratios['full_sft']['all_cores'])}, pretrain {_range(ratios['pretrain']['all_cores'])}")
+        result = {"settings": {"num_proc": args.num_proc, "max_seq_len": args.max_seq_len, "cpu_count": os.cpu_count(),
+                               "repeats": args.repeats, "tokenizer": os.path.relpath(args.tokenizer, REPO)},
+                  "corpora": {s: {k: v for k, v in c.items() if k != "path"} for s, c in corpora.items()},
+                  "runs": runs, "ratios": ratios}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {os.path.relpath(args.out, REPO)}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--_raw":  # the raw-tokenizer side of --ratios, in its own process
+        print(json.dumps(raw_tokenizer(sys.argv[2], sys.argv[3], sys.argv[sys.argv.index("--tokenizer") + 1])))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size_gb", type=float, default=1.0, help="corpus size in GiB")
     ap.add_argument("--stage", default="pretrain", choices=["pretrain", "full_sft"])
@@ -345,8 +493,21 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="work directory (default: a new temporary one under /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--quiet", action="store_true", help="do not echo the commands' output")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prepare_scale.json"))
+    ap.add_argument("--out", default=None,
+                    help="JSON results (default benchmarks/results/prepare_scale.json, or prepare_ratios.json)")
+    ap.add_argument("--ratios", action="store_true",
+                    help="measure prepare against the raw tokenizer on the shared real data (pretrain and full_sft)")
+    ap.add_argument("--repeats", type=int, default=3, help="with --ratios: runs of each case")
+    ap.add_argument("--pretrain_mb", type=float, default=60, help="with --ratios: pretrain corpus size, MB")
+    ap.add_argument("--sft_mb", type=float, default=30, help="with --ratios: SFT corpus size, MB")
     args = ap.parse_args()
+    results = REPO / "benchmarks" / "results"
+    if args.ratios:
+        if not args.tokenizer:
+            raise SystemExit("--ratios needs the shared MiniMind tokenizer (or --tokenizer DIR)")
+        args.out = args.out or str(results / "prepare_ratios.json")
+        return measure_ratios(args)
+    args.out = args.out or str(results / "prepare_scale.json")
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="prepare_scale-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from minimind_scale.errors import UserError
 from minimind_scale.losses import count_label_tokens, forward_logits
 from minimind_scale.models import is_model_dir
 from minimind_scale.rows import IGNORE_INDEX
-from minimind_scale.stages.full_sft import collate, encode
+from minimind_scale.stages.full_sft import collate, encode, encode_batch
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -140,6 +140,7 @@ SPEC = register_stage(StageSpec(
     help="knowledge distillation from a teacher model on conversations (also reasoning distillation)",
     config=DistillConfig,
     encode=encode,
+    encode_batch=encode_batch,
     collate=collate,
     loss=loss,
     loss_units=count_label_tokens,

@@ -20,8 +20,8 @@ from pydantic import Field
 from minimind_scale import LossOutput, StageSpec, StageState, TrainConfig, register_stage
 from minimind_scale.batching import pad_collate, padded_length
 from minimind_scale.config import BatchSize, LearningRate, MaxSeqLen, ModelSource, OutDir
-from minimind_scale.conversation import encode_chat, normalize_messages
-from minimind_scale.datacache import file_fingerprint
+from minimind_scale.conversation import encode_chat, encode_chats, normalize_messages
+from minimind_scale.datacache import file_fingerprint, fingerprint_dir
 from minimind_scale.errors import RecordError, UserError
 from minimind_scale.losses import forward_logits
 from minimind_scale.models import is_model_dir
@@ -79,6 +79,44 @@ def encode(record: dict, tokenizer, cfg) -> dict:
     return out
 
 
+def encode_batch(records: list[dict], tokenizer, cfg) -> list[dict | RecordError]:
+    """`encode` of each record, with every valid side of every pair tokenised in one call. The checks run in
+    `encode`'s order (chosen's shape, chosen's loss tokens, rejected's, then sameness), so a record gets the
+    error `encode` would raise first."""
+    sides: list[dict] = []  # per record: side -> (messages, tools) or the RecordError normalising it gave
+    conversations = []
+    for record in records:
+        per_side = {}
+        for side in SIDES:
+            try:
+                per_side[side] = normalize_messages(record, key=side)
+                conversations.append(per_side[side])
+            except RecordError as e:
+                per_side[side] = e
+        sides.append(per_side)
+    encoded = iter(encode_chats(conversations, tokenizer, cfg.max_seq_len))
+    out: list = []
+    for per_side in sides:
+        encodings = {side: next(encoded) for side in SIDES if not isinstance(per_side[side], RecordError)}
+        out.append(_pair_result(per_side, encodings, cfg))
+    return out
+
+
+def _pair_result(per_side: dict, encodings: dict, cfg) -> dict | RecordError:
+    out = {}
+    for side in SIDES:
+        if isinstance(per_side[side], RecordError):
+            return per_side[side]
+        enc = encodings[side]
+        if all(x == IGNORE_INDEX for x in enc["labels"]):
+            return RecordError(side, f"{NO_LOSS} within max_seq_len {cfg.max_seq_len}")
+        out[f"{side}_input_ids"] = enc["input_ids"]
+        out[f"{side}_labels"] = enc["labels"]
+    if per_side["chosen"] == per_side["rejected"]:
+        return RecordError("rejected", "is identical to chosen (a preference pair must differ)")
+    return out
+
+
 def collate(rows, tokenizer, cfg):
     """Chosen rows first, then rejected, padded together: a pair can never be split across micro-batches."""
     sides = [{"input_ids": r[f"{s}_input_ids"], "labels": r[f"{s}_labels"]} for s in SIDES for r in rows]
@@ -132,7 +170,7 @@ def reference_cache_file(cfg, ctx) -> Path | None:
     if not is_model_dir(source) or not weights or not files:
         return None
     key = hashlib.sha256(json.dumps({
-        "weights": [file_fingerprint(p) for p in weights],
+        "weights": [file_fingerprint(p, fingerprint_dir(cfg)) for p in weights],
         "precision": ctx.accelerator.mixed_precision,
         "rows": len(ctx.dataset),
     }).encode()).hexdigest()[:20]
@@ -214,6 +252,7 @@ SPEC = register_stage(StageSpec(
     help="direct preference optimisation on chosen/rejected conversation pairs (DPO, IPO, hinge)",
     config=DPOConfig,
     encode=encode,
+    encode_batch=encode_batch,
     collate=collate,
     loss=loss,
     loss_units=count_pairs,

@@ -4,7 +4,8 @@ from pydantic import Field
 from minimind_scale import StageSpec, TrainConfig, register_stage
 from minimind_scale.batching import pad_collate, padded_length
 from minimind_scale.config import BatchSize, Epochs, LearningRate, MaxSeqLen, ModelSource, OutDir, Packing
-from minimind_scale.conversation import encode_chat, normalize_messages
+from minimind_scale.conversation import encode_chat, encode_chats, normalize_messages
+from minimind_scale.errors import RecordError
 from minimind_scale.losses import causal_lm_loss, count_label_tokens
 
 
@@ -27,6 +28,21 @@ def encode(record: dict, tokenizer, cfg) -> dict:
     return encode_chat(messages, tools, tokenizer, cfg.max_seq_len)
 
 
+def encode_batch(records: list[dict], tokenizer, cfg) -> list[dict | RecordError]:
+    """`encode` of each record: the valid conversations rendered one by one, then tokenised in one call."""
+    out: list = [None] * len(records)
+    conversations, where = [], []
+    for i, record in enumerate(records):
+        try:
+            conversations.append(normalize_messages(record))
+            where.append(i)
+        except RecordError as e:
+            out[i] = e
+    for i, encoded in zip(where, encode_chats(conversations, tokenizer, cfg.max_seq_len)):
+        out[i] = encoded
+    return out
+
+
 def collate(rows, tokenizer, cfg):
     return pad_collate(rows, tokenizer.pad_token_id, padded_length(cfg))
 
@@ -37,6 +53,7 @@ SPEC = register_stage(StageSpec(
     help="supervised fine-tuning on conversations (loss on assistant turns)",
     config=FullSFTConfig,
     encode=encode,
+    encode_batch=encode_batch,
     collate=collate,
     loss=causal_lm_loss,
     loss_units=count_label_tokens,

@@ -14,7 +14,7 @@ from minimind_scale.config import BatchSize, Epochs, LearningRate, ModelSource, 
 from minimind_scale.errors import UserError
 from minimind_scale.losses import causal_lm_loss, count_label_tokens
 from minimind_scale.models import PRESETS, save_hf
-from minimind_scale.stages.full_sft import collate, encode
+from minimind_scale.stages.full_sft import collate, encode, encode_batch
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -82,6 +82,7 @@ SPEC = register_stage(StageSpec(
     help="train a LoRA adapter (peft) on an SFT model with conversations; base weights frozen",
     config=LoraConfig,
     encode=encode,
+    encode_batch=encode_batch,
     collate=collate,
     loss=causal_lm_loss,
     loss_units=count_label_tokens,

@@ -71,6 +71,19 @@ def encode(record: dict, tokenizer, cfg) -> dict:
     return out
 
 
+def encode_batch(records: list[dict], tokenizer, cfg) -> list[dict | RecordError]:
+    """`encode` of each record: dpo.encode_batch, then each encoded pair's margin."""
+    out = []
+    for record, pair in zip(records, dpo.encode_batch(records, tokenizer, cfg)):
+        if not isinstance(pair, RecordError):
+            try:
+                pair["margin"] = record_margin(record)
+            except RecordError as e:
+                pair = e
+        out.append(pair)
+    return out
+
+
 def collate(rows, tokenizer, cfg):
     """dpo.collate's chosen-then-rejected rows, plus the pairs' margins [pairs]."""
     batch = dpo.collate(rows, tokenizer, cfg)
@@ -123,6 +136,7 @@ SPEC = register_stage(StageSpec(
     help="train a Bradley-Terry reward model (a sequence classifier) on chosen/rejected conversation pairs",
     config=RewardConfig,
     encode=encode,
+    encode_batch=encode_batch,
     collate=collate,
     loss=loss,
     loss_units=dpo.count_pairs,
