@@ -55,14 +55,24 @@ def score_samples(scorer: RewardScorer, tokenizer, batch: dict, samples, group: 
     """Rewards of `group` sampled completions per prompt of a collated prompt batch (prompts.collate), with
     TRL's signature: the reward functions get the completion as one assistant message and the record's
     other keys as columns. Returns (reward per completion, {"per_function", "prompts", "texts"})."""
-    prompts = [p for p in batch["prompts"] for _ in range(group)]
-    ids = [row[mask.bool()].tolist() for row, mask in zip(samples.completion_ids.cpu(), samples.completion_mask.cpu())]
+    prompts, columns = group_columns(batch, group)
+    ids = generated_ids(samples)
     texts = [tokenizer.decode([t for t in row if t != end_id]) for row in ids]
     completions = [[{"role": "assistant", "content": t}] for t in texts]
-    keys = sorted({k for c in batch["columns"] for k in c})
-    columns = {k: [c.get(k) for c in batch["columns"] for _ in range(group)] for k in keys}
     total, per_function = scorer(prompts, completions, ids, texts, columns)
     return total, {"per_function": per_function, "prompts": prompts, "texts": texts}
+
+
+def group_columns(batch: dict, group: int) -> tuple[list, dict[str, list]]:
+    """A prompt batch's prompts and record columns, each repeated for the `group` completions of its prompt."""
+    prompts = [p for p in batch["prompts"] for _ in range(group)]
+    keys = sorted({k for c in batch["columns"] for k in c})
+    return prompts, {k: [c.get(k) for c in batch["columns"] for _ in range(group)] for k in keys}
+
+
+def generated_ids(samples) -> list[list[int]]:
+    """Each completion's tokens that the model generated (its completion mask)."""
+    return [row[mask.bool()].tolist() for row, mask in zip(samples.completion_ids.cpu(), samples.completion_mask.cpu())]
 
 
 def log_completions(path, cfg, steps_done: int, steps_per_rollout: int, prompts: list, texts: list[str],

@@ -23,7 +23,7 @@ from minimind_scale import prompts as prompt_rows
 from minimind_scale.agent_data import agent_prompt
 from minimind_scale.config import OutDir
 from minimind_scale.conversation import TURN_END, encode_prompt
-from minimind_scale.scoring import RewardScorer, check_rewards, frozen_reference
+from minimind_scale.scoring import RewardScorer, check_rewards, frozen_reference, generated_ids, group_columns
 from minimind_scale.stages.grpo import GRPOConfig, GRPOState, group_rollout, loss, steps_per_rollout
 from minimind_scale.tools import ToolBox, load_tools
 from minimind_scale.trajectory import run_trajectories
@@ -92,12 +92,10 @@ def play_and_score(model, batch: dict, cfg, ctx) -> tuple:
                               pad_id=ctx.tokenizer.pad_token_id)
     started = time.perf_counter()
     samples = played.samples
-    prompts = [p for p in batch["prompts"] for _ in range(g)]
-    ids = [row[mask.bool()].tolist() for row, mask in zip(samples.completion_ids.cpu(), samples.completion_mask.cpu())]
-    keys = sorted({k for c in batch["columns"] for k in c})
-    columns = {k: [c.get(k) for c in batch["columns"] for _ in range(g)] for k in keys}
+    prompts, columns = group_columns(batch, g)
     columns.update(played.columns())
-    rewards, per_function = ctx.state.scorer(prompts, played.messages, ids, played.final_answer, columns)
+    rewards, per_function = ctx.state.scorer(prompts, played.messages, generated_ids(samples), played.final_answer,
+                                             columns)
     texts = [json.dumps(m, ensure_ascii=False) for m in played.messages]
     return samples, rewards, {"per_function": per_function, "prompts": prompts, "texts": texts,
                               "metrics": trajectory_metrics(played), "reward_sec": time.perf_counter() - started}

@@ -20,7 +20,7 @@ from pydantic import Field
 from minimind_scale import LossOutput, StageSpec, StageState, TrainConfig, register_stage
 from minimind_scale.batching import pad_collate, padded_length
 from minimind_scale.config import BatchSize, LearningRate, MaxSeqLen, ModelSource, OutDir
-from minimind_scale.conversation import encode_chat, encode_chats, normalize_messages
+from minimind_scale.conversation import encode_chats, normalize_messages
 from minimind_scale.datacache import file_fingerprint, fingerprint_dir
 from minimind_scale.errors import RecordError, UserError
 from minimind_scale.losses import forward_logits
@@ -64,19 +64,10 @@ class DPOState(StageState):
 
 
 def encode(record: dict, tokenizer, cfg) -> dict:
-    out, normalized = {}, {}
-    for side in SIDES:
-        messages, tools = normalize_messages(record, key=side)
-        normalized[side] = (messages, tools)
-        enc = encode_chat(messages, tools, tokenizer, cfg.max_seq_len)
-        if all(x == IGNORE_INDEX for x in enc["labels"]):
-            # Worded with NO_LOSS so the pipeline counts the pair as too long, not as malformed.
-            raise RecordError(side, f"{NO_LOSS} within max_seq_len {cfg.max_seq_len}")
-        out[f"{side}_input_ids"] = enc["input_ids"]
-        out[f"{side}_labels"] = enc["labels"]
-    if normalized["chosen"] == normalized["rejected"]:
-        raise RecordError("rejected", "is identical to chosen (a preference pair must differ)")
-    return out
+    result = encode_batch([record], tokenizer, cfg)[0]
+    if isinstance(result, RecordError):
+        raise result
+    return result
 
 
 def encode_batch(records: list[dict], tokenizer, cfg) -> list[dict | RecordError]:

@@ -49,6 +49,12 @@ def run_cli(args: list[str], cache: Path, nproc: int = 1, timeout: int = 600, ch
 def cli_in_process(args: list[str], capsys) -> tuple[int, str]:
     """A tool command through the real entry point, in this process: a subprocess per call would spend
     most of its time importing torch and transformers. Returns (exit code, stderr)."""
+    code, _, err = cli_output_in_process(args, capsys)
+    return code, err
+
+
+def cli_output_in_process(args: list[str], capsys) -> tuple[int, str, str]:
+    """As cli_in_process, returning (exit code, stdout, stderr)."""
     from minimind_scale.cli import main
 
     capsys.readouterr()
@@ -57,7 +63,8 @@ def cli_in_process(args: list[str], capsys) -> tuple[int, str]:
         code = 0
     except SystemExit as e:
         code = e.code
-    return code, capsys.readouterr().err
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

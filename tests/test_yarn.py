@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEMO, cli_in_process
+from conftest import DEMO, cli_in_process, cli_output_in_process
 from minimind_scale.models import load_tokenizer, preset_config
 from minimind_scale.yarn import apply_yarn
 
@@ -43,17 +43,9 @@ def long_rows(tmp_path_factory):
 
 def run_ok(args, capsys) -> str:
     """stdout of a command run through the real entry point in this process (cli_in_process keeps only stderr)."""
-    from minimind_scale.cli import main
-
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    return out.out
+    code, out, err = cli_output_in_process(args, capsys)
+    assert code == 0, err
+    return out
 
 
 def test_an_exported_config_loads_with_yarn(tool_memorised_model, tmp_path, capsys):
