@@ -10,7 +10,9 @@ batched (per-record `encode`, jinja-rendered chat templates): the current code m
 
 Each file in ../shared/data is prepared (cold, in a fresh scratch cache) with every stage that accepts its
 format: pretrain for pretrain_*, full_sft / lora / distill for sft_*, dpo and reward for dpo_*; at the
-stage's default max_seq_len and at 128 (which truncates and drops rows); with the shared MiniMind tokenizer,
+stage's default max_seq_len and at 128 (which truncates and drops rows), the SFT augmentations of full_sft,
+lora and distill off (add_system_ratio 0, empty_think_ratio 1: the rows they give are the rows from before
+the augmentations existed); with the shared MiniMind tokenizer,
 and the sft_* / dpo_* ones also with the packaged default tokenizer (a different chat template). The
 fingerprint is a sha256 over the Arrow rows of the unpacked entry (column names and types, then every
 column: list lengths and values as little-endian bytes, or the values' JSON), and the same over the packed
@@ -78,6 +80,7 @@ def cases(tokenizers: dict[str, str]) -> list[tuple[str, str, str, int | None]]:
 
 def fingerprint_all(work: Path, num_proc: int, log=print) -> dict:
     from minimind_scale.data import prepare_dataset
+    from minimind_scale.evaluate import AUGMENTATIONS_OFF
     from minimind_scale.models import load_tokenizer
     from minimind_scale.registry import discover, get_stage
 
@@ -98,6 +101,8 @@ def fingerprint_all(work: Path, num_proc: int, log=print) -> dict:
             fields.update(teacher=str(fake_teacher), model="minimind2-small")
         if length is not None:
             fields["max_seq_len"] = length
+        # The SFT augmentations at the settings that leave records as they are (their rows are today's).
+        fields.update({k: v for k, v in AUGMENTATIONS_OFF.items() if k in spec.config.model_fields})
         cfg = spec.config.model_validate(fields)
         t = time.perf_counter()
         _, unpacked, report = prepare_dataset(spec, cfg, tokenizers[tok_name], log=lambda *_: None)

@@ -60,7 +60,7 @@ class TrainConfig(StrictConfig):
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0 disables clipping)")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="mixed precision: auto = bf16 where supported, else fp32")
-    seed: int = Field(42, description="seed for weights, shuffling and dropout")
+    seed: int = Field(42, description="seed for weights, shuffling, dropout and per-record data augmentations")
     log_interval: int = Field(10, ge=1, description="log every N optimizer steps")
     save_interval: int = Field(500, ge=0, description="checkpoint every N optimizer steps (0: only at the end)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept; older ones are deleted")

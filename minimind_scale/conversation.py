@@ -328,18 +328,24 @@ def _checked_spans(text: str, messages: list[dict]) -> list[tuple[int, int]]:
     return spans
 
 
-def encode_chats(conversations: Sequence[tuple[list[dict], list | None]], tokenizer, max_seq_len: int) -> list[dict]:
+def encode_chats(conversations: Sequence[tuple[list[dict], list | None]], tokenizer, max_seq_len: int,
+                 texts: Sequence[str] | None = None) -> list[dict]:
     """`encode_chat` of each (messages, tools), equal item by item: each is rendered once, and all are
     tokenised in one call. A token's label is decided from its character offsets as in `encode_chat`, found
-    by bisection over the tokenizer's own encodings, so no per-token offset list is built in Python."""
+    by bisection over the tokenizer's own encodings, so no per-token offset list is built in Python.
+    `texts`: the conversations already rendered (and perhaps rewritten), one per conversation."""
     if not conversations:
         return []
-    texts = [render_chat(messages, tools, tokenizer) for messages, tools in conversations]
+    if texts is None:
+        texts = [render_chat(messages, tools, tokenizer) for messages, tools in conversations]
+    elif len(texts) != len(conversations):
+        raise ValueError(f"{len(texts)} texts for {len(conversations)} conversations")
     spans = [_checked_spans(text, messages) for text, (messages, _) in zip(texts, conversations)]
     batch = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
     encodings = getattr(batch, "encodings", None)
     if encodings is None:  # not a fast tokenizer: no encodings to query, so one conversation at a time
-        return [encode_chat(messages, tools, tokenizer, max_seq_len) for messages, tools in conversations]
+        return [encode_chat(messages, tools, tokenizer, max_seq_len, text)
+                for (messages, tools), text in zip(conversations, texts)]
     out = []
     for ids, encoding, turn_spans in zip(batch["input_ids"], encodings, spans):
         labels = _assistant_labels(ids, encoding, turn_spans)
@@ -367,13 +373,15 @@ def _assistant_labels(ids: list[int], encoding, spans: list[tuple[int, int]]) ->
     return labels
 
 
-def encode_chat(messages: list[dict], tools: list | None, tokenizer, max_seq_len: int) -> dict:
+def encode_chat(messages: list[dict], tools: list | None, tokenizer, max_seq_len: int,
+                text: str | None = None) -> dict:
     """Render and tokenize one conversation; labels copy input_ids on assistant replies, -100 elsewhere.
 
     Labels are aligned with input_ids (not shifted). Both are truncated to `max_seq_len`, keeping the
-    prefix.
+    prefix. `text`: the conversation already rendered (and perhaps rewritten); labels follow its replies.
     """
-    text = render_chat(messages, tools, tokenizer)
+    if text is None:
+        text = render_chat(messages, tools, tokenizer)
     spans = _checked_spans(text, messages)
 
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)

@@ -26,6 +26,7 @@ from .datacache import cache_key, cache_root, datasets_progress, save_to_cache
 from .errors import RecordError, UserError
 from .packing import prepare_packed
 from .publish import fresh_dir, publish_once
+from .record_draws import RecordPosition
 from .rows import IGNORE_INDEX, NO_LOSS
 
 MAX_REPORTED_ERRORS = 10
@@ -110,7 +111,7 @@ def _write_line_spans(path: str, out_file: str, block_bytes: int = 1 << 24) -> N
 
 
 def _encode_spans(batch: dict, path: str, encode, tokenizer, cfg, columns: list[str], encode_batch=None,
-                  schema: pa.Schema | None = None) -> dict | pa.Table:
+                  schema: pa.Schema | None = None, file_index: int | None = None) -> dict | pa.Table:
     """`_encode_rows` over the lines of one batch of `_line_spans`, read from `path` in one go; with `schema`,
     as an Arrow table of that schema (handed to the writer as it is, without datasets' per-column checks)."""
     start = min(batch["offset"])
@@ -118,7 +119,7 @@ def _encode_spans(batch: dict, path: str, encode, tokenizer, cfg, columns: list[
         f.seek(start)
         block = f.read(max(o + n for o, n in zip(batch["offset"], batch["length"])) - start)
     raw = [block[o - start:o - start + n] for o, n in zip(batch["offset"], batch["length"])]
-    out = _encode_rows({"line": batch["line"], "raw": raw}, encode, tokenizer, cfg, columns, encode_batch)
+    out = _encode_rows({"line": batch["line"], "raw": raw}, encode, tokenizer, cfg, columns, encode_batch, file_index)
     if schema is None:
         return out
     return pa.table([pa.array(out[f.name], type=f.type) for f in schema], schema=schema)
@@ -143,26 +144,32 @@ def _line_error(e: Exception) -> str:
 _LINE_ERRORS = (UnicodeDecodeError, json.JSONDecodeError, RecordError)
 
 
-def _encode_one(record: dict, encode, tokenizer, cfg) -> dict | Exception:
+def _encode_one(record: dict, encode, tokenizer, cfg, position: RecordPosition | None = None) -> dict | Exception:
     try:
-        return encode(record, tokenizer, cfg)
+        if position is None:
+            return encode(record, tokenizer, cfg)
+        return encode(record, tokenizer, cfg, position=position)
     except _LINE_ERRORS as e:
         return e
 
 
-def _encode_records(records: list[dict], encode, encode_batch, tokenizer, cfg) -> list:
+def _encode_records(records: list[dict], encode, encode_batch, tokenizer, cfg,
+                    positions: list[RecordPosition] | None = None) -> list:
     """Each record's encoding, or the error encoding it gave: through the stage's `encode_batch` when it
-    has one (a RecordError raised out of it sends the batch through `encode` instead), else `encode`."""
+    has one (a RecordError raised out of it sends the batch through `encode` instead), else `encode`.
+    `positions` (for a stage with record_positions) go to the encoders beside the records."""
     if encode_batch is not None and records:
         try:
-            results = list(encode_batch(records, tokenizer, cfg))
+            results = list(encode_batch(records, tokenizer, cfg) if positions is None
+                           else encode_batch(records, tokenizer, cfg, positions=positions))
         except RecordError:
             results = None
         if results is not None:
             if len(results) != len(records):
                 raise ValueError(f"encode_batch returned {len(results)} results for {len(records)} records")
             return results
-    return [_encode_one(r, encode, tokenizer, cfg) for r in records]
+    return [_encode_one(r, encode, tokenizer, cfg, None if positions is None else p)
+            for r, p in zip(records, positions or [None] * len(records))]
 
 
 def _no_loss(labels) -> bool:
@@ -171,7 +178,9 @@ def _no_loss(labels) -> bool:
     return all(x == IGNORE_INDEX for x in labels)
 
 
-def _encode_rows(batch: dict, encode, tokenizer, cfg, columns: list[str], encode_batch=None) -> dict:
+def _encode_rows(batch: dict, encode, tokenizer, cfg, columns: list[str], encode_batch=None,
+                 file_index: int | None = None) -> dict:
+    """`file_index` given (a stage with record_positions): the encoders also get each record's position."""
     out: dict[str, list] = {c: [] for c in columns}
     out["_error"], out["_line"] = [], []
     parsed: list = []
@@ -181,7 +190,9 @@ def _encode_rows(batch: dict, encode, tokenizer, cfg, columns: list[str], encode
         except _LINE_ERRORS as e:
             parsed.append(e)
     records = [r for r in parsed if not isinstance(r, Exception)]
-    encoded = iter(_encode_records(records, encode, encode_batch, tokenizer, cfg))
+    positions = None if file_index is None else [
+        RecordPosition(file_index, n) for n, r in zip(batch["line"], parsed) if not isinstance(r, Exception)]
+    encoded = iter(_encode_records(records, encode, encode_batch, tokenizer, cfg, positions))
     for number, record in zip(batch["line"], parsed):
         result = record if isinstance(record, Exception) else next(encoded)
         if not isinstance(result, Exception) and "labels" in result and _no_loss(result["labels"]):
@@ -196,13 +207,16 @@ def _encode_rows(batch: dict, encode, tokenizer, cfg, columns: list[str], encode
     return out
 
 
-def _probe_columns(path: Path, encode, tokenizer, cfg, limit: int = 1000) -> list[str]:
+def _probe_columns(path: Path, spec, tokenizer, cfg, limit: int = 1000) -> list[str]:
     """Column names of the stage's encoding, from the first record that encodes."""
     for row in _read_lines(str(path)):
         if row["line"] > limit:
             break
         try:
-            return sorted(encode(json.loads(row["raw"].decode("utf-8")), tokenizer, cfg))
+            record = json.loads(row["raw"].decode("utf-8"))
+            if spec.record_positions:
+                return sorted(spec.encode(record, tokenizer, cfg, position=RecordPosition(0, row["line"])))
+            return sorted(spec.encode(record, tokenizer, cfg))
         except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
             continue
     return ["input_ids", "labels"]
@@ -226,7 +240,8 @@ class DataReport:
         return text
 
 
-def _encode_file(path: Path, spec, cfg, tokenizer, work_dir: Path, columns: list[str]) -> datasets.Dataset:
+def _encode_file(path: Path, spec, cfg, tokenizer, work_dir: Path, columns: list[str],
+                 file_index: int = 0) -> datasets.Dataset:
     # Only line numbers and byte spans go to Arrow: a worker reading a memory-mapped copy of the raw
     # text would keep every page it touched resident, about (file size / num_proc) each.
     (work_dir / "raw").mkdir(parents=True, exist_ok=True)
@@ -245,7 +260,8 @@ def _encode_file(path: Path, spec, cfg, tokenizer, work_dir: Path, columns: list
             _encode_spans, batched=True, batch_size=500, num_proc=num_proc if num_proc > 1 else None,
             remove_columns=raw.column_names, features=features,
             fn_kwargs=dict(path=str(path), encode=spec.encode, tokenizer=tokenizer, cfg=cfg, columns=columns,
-                           encode_batch=spec.encode_batch, schema=features.arrow_schema),
+                           encode_batch=spec.encode_batch, schema=features.arrow_schema,
+                           file_index=file_index if spec.record_positions else None),
             desc=f"tokenising {path.name}",
         )
 
@@ -278,8 +294,8 @@ def build_dataset(spec, cfg, tokenizer, files: list[Path], staging: Path) -> Dat
     """Encode every file and save the kept rows into the directory `staging`."""
     scratch = fresh_dir(staging.with_name(staging.name + "-work"))
     try:
-        columns = _probe_columns(files[0], spec.encode, tokenizer, cfg)
-        parts = [(p, _encode_file(p, spec, cfg, tokenizer, scratch, columns)) for p in files]
+        columns = _probe_columns(files[0], spec, tokenizer, cfg)
+        parts = [(p, _encode_file(p, spec, cfg, tokenizer, scratch, columns, k)) for k, p in enumerate(files)]
         with datasets_progress(False):
             return _save_kept_rows(parts, cfg, files, staging)
     finally:

@@ -23,6 +23,9 @@ from .errors import UserError
 from .reward_model import check_reward_model
 from .yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions, load_config
 
+# The SFT stages' data augmentations at the values that leave records as they are.
+AUGMENTATIONS_OFF = {"add_system_ratio": 0.0, "empty_think_ratio": 1.0}
+
 
 class EvalConfig(StrictConfig):
     """Evaluate a model directory on jsonl data. The last stdout line is JSON:
@@ -192,9 +195,12 @@ def run(cfg: EvalConfig) -> None:
         check_reward_model(cfg.model, "eval --stage reward")
     registry.discover()
     spec = registry.get_stage(stage)
+    # Scored as given: training-time augmentations (full_sft's added system prompts, removed empty
+    # <think> blocks) would change the text being measured.
+    as_given = {k: v for k, v in AUGMENTATIONS_OFF.items() if k in spec.config.model_fields}
     stage_cfg = spec.config(data_path=cfg.data_path, max_seq_len=cfg.max_seq_len, num_proc=cfg.num_proc,
                             cache_dir=cfg.cache_dir, skip_bad_records=cfg.skip_bad_records, model=cfg.model,
-                            packing=cfg.packing)
+                            packing=cfg.packing, **as_given)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     dataset, _, report = prepare_dataset(spec, stage_cfg, tokenizer, is_local_main=is_local_main, log=log)
     if report.skipped:

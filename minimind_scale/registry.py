@@ -84,6 +84,11 @@ class StageSpec(BaseModel):
         so `cross_entropy chunked|liger` applies.
     row_index: rows reach collate with `_index`, their position in the data set (for per-row state
         computed once, such as precomputed reference log-probabilities).
+    record_positions: data preparation also tells the encoders where each record lies:
+        `encode(record, tokenizer, cfg, position=p)` and `encode_batch(records, tokenizer, cfg, positions=[...])`,
+        each a record_draws.RecordPosition (file index among --data_path, 1-based line), for per-record
+        random choices that must come out the same in every prepare (`position.draw(cfg.seed, "...")`).
+        Put the options such choices read, and `seed`, in data_fields.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
@@ -111,6 +116,7 @@ class StageSpec(BaseModel):
     fixed_length: bool = False
     cross_entropy_variants: bool = False
     row_index: bool = False
+    record_positions: bool = False
     # Config fields that change the tokenised data; they join the cache key.
     data_fields: tuple[str, ...] = ()
     # Columns of `encode`'s output that hold one value per row instead of token ids, with their

@@ -20,7 +20,14 @@ from minimind_scale.errors import UserError
 from minimind_scale.losses import count_label_tokens, forward_logits
 from minimind_scale.models import is_model_dir
 from minimind_scale.rows import IGNORE_INDEX
-from minimind_scale.stages.full_sft import collate, encode, encode_batch
+from minimind_scale.stages.full_sft import (
+    AUGMENTATION_FIELDS,
+    AddSystemRatio,
+    EmptyThinkRatio,
+    collate,
+    encode,
+    encode_batch,
+)
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -35,6 +42,8 @@ class DistillConfig(TrainConfig):
     model: ModelSource = Field("minimind2-small",
                                description="the student: a preset (from scratch) or a model directory")
     packing: Packing = True
+    add_system_ratio: AddSystemRatio = 0.2
+    empty_think_ratio: EmptyThinkRatio = 0.2
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label CE; 1 - alpha goes to the KL term")
     temperature: float = Field(1.5, gt=0,
                                description="softmax temperature T of both models in the KL term (scaled by T²)")
@@ -146,5 +155,6 @@ SPEC = register_stage(StageSpec(
     loss_units=count_label_tokens,
     setup=setup,
     state=DistillState,
-    fixed_length=True,
+    fixed_length=True,    record_positions=True,
+    data_fields=AUGMENTATION_FIELDS,
 ))

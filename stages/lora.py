@@ -14,7 +14,14 @@ from minimind_scale.config import BatchSize, Epochs, LearningRate, ModelSource, 
 from minimind_scale.errors import UserError
 from minimind_scale.losses import causal_lm_loss, count_label_tokens
 from minimind_scale.models import PRESETS, save_hf
-from minimind_scale.stages.full_sft import collate, encode, encode_batch
+from minimind_scale.stages.full_sft import (
+    AUGMENTATION_FIELDS,
+    AddSystemRatio,
+    EmptyThinkRatio,
+    collate,
+    encode,
+    encode_batch,
+)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -27,6 +34,8 @@ class LoraConfig(TrainConfig):
     model: ModelSource = Field("out/full_sft/final", description="the model directory to adapt (usually an SFT "
                                "run's final/); not a preset")
     packing: Packing = True
+    add_system_ratio: AddSystemRatio = 0.2
+    empty_think_ratio: EmptyThinkRatio = 0.2
     lora_rank: int = Field(8, ge=1, description="LoRA rank r")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: the update is (alpha / r)·B·A")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
@@ -89,5 +98,6 @@ SPEC = register_stage(StageSpec(
     setup=setup,
     finalize=finalize,
     fixed_length=True,
-    cross_entropy_variants=True,
+    cross_entropy_variants=True,    record_positions=True,
+    data_fields=AUGMENTATION_FIELDS,
 ))

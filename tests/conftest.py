@@ -21,6 +21,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared (real data, MiniMind tokenizer) is absent")
 
 
+def reference_labels(input_ids: list[int], tok) -> list[int]:
+    """MiniMind's labelling rule, on token ids alone (independent of encode_chat's character spans):
+    label by scanning token ids: after each assistant header, through the closing `<|im_end|>\\n`."""
+    header = tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    closer = tok("<|im_end|>\n", add_special_tokens=False).input_ids
+    end_only = closer[:1]
+    labels = [-100] * len(input_ids)
+    i, n = 0, len(input_ids)
+    while i < n:
+        if input_ids[i : i + len(header)] == header:
+            j = i + len(header)
+            while j < n and input_ids[j : j + len(end_only)] != end_only:
+                j += 1
+            assert j < n, "assistant turn never closed"
+            stop = j + (len(closer) if input_ids[j : j + len(closer)] == closer else len(end_only))
+            labels[i + len(header) : stop] = input_ids[i + len(header) : stop]
+            i = stop
+        else:
+            i += 1
+    return labels
+
+
 def cli_env(cache: Path, **extra) -> dict:
     """The environment of a CLI run; a MINIMIND_SCALE_TEST_* switch also loads the fault-injection plugin."""
     env = dict(os.environ)
@@ -140,6 +162,8 @@ def tool_memorised_model(tmp_path_factory, data_cache) -> tuple[Path, Path, Path
     run_cli(["full_sft", "--model", "tiny", "--hidden_size", "64", "--num_hidden_layers", "2", "--data_path", str(data),
              "--out_dir", str(root / "run"), "--max_steps", "150", "--batch_size", "1", "--max_seq_len", "640",
              "--packing", "false", "--learning_rate", "1e-2", "--min_lr_ratio", "0.5", "--warmup_steps", "0",
-             "--dtype", "fp32", "--num_proc", "1", "--seed", "0", "--save_interval", "0", "--log_interval", "50"],
+             "--dtype", "fp32", "--num_proc", "1", "--seed", "0", "--save_interval", "0", "--log_interval", "50",
+             # memorised exactly as a generation prompt renders it: with the empty <think> block kept
+             "--empty_think_ratio", "1"],
             data_cache)
     return root / "run" / "final", AGENT_DATA / "tasks.jsonl", AGENT_TOOLS

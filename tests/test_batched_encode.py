@@ -29,6 +29,7 @@ from minimind_scale.conversation import (
 from minimind_scale.data import prepare_dataset
 from minimind_scale.errors import RecordError, UserError
 from minimind_scale.models import load_tokenizer
+from minimind_scale.record_draws import RecordPosition
 from minimind_scale.registry import discover, get_stage
 from minimind_scale.rows import IGNORE_INDEX
 
@@ -265,6 +266,11 @@ def test_encode_batch_equals_encode_on_shared_data(stage, prefix, tmp_path):
     got = [_as_outcome(r) for r in spec.encode_batch(records, tok, cfg)]
     assert got == per_record
     assert any(isinstance(o, tuple) for o in got) and any(isinstance(o, dict) for o in got)
+    if spec.record_positions:  # the per-record choices made from positions agree too
+        positions = [RecordPosition(0, n) for n in range(1, len(records) + 1)]
+        placed = [_outcome(functools.partial(spec.encode, position=p), r, tok, cfg) for r, p in zip(records, positions)]
+        assert [_as_outcome(r) for r in spec.encode_batch(records, tok, cfg, positions=positions)] == placed
+        assert placed != per_record
 
 
 # ---------------------------------------------------------------- the engine
@@ -316,7 +322,7 @@ def test_encode_batch_raising_a_record_error_falls_back_to_encode(tmp_path):
     discover()
     base = get_stage("full_sft")
 
-    def broken(records, tokenizer, cfg):
+    def broken(records, tokenizer, cfg, positions=None):
         raise RecordError("conversations", "encode_batch gave up")
 
     spec = base.model_copy(update={"encode_batch": broken})
@@ -329,7 +335,7 @@ def test_encode_batch_raising_a_record_error_falls_back_to_encode(tmp_path):
 
 def test_encode_batch_with_the_wrong_number_of_results_is_refused(tmp_path):
     discover()
-    spec = get_stage("full_sft").model_copy(update={"encode_batch": lambda records, tok, cfg: records[:-1]})
+    spec = get_stage("full_sft").model_copy(update={"encode_batch": lambda records, tok, cfg, **_: records[:-1]})
     data = _write(tmp_path / "d.jsonl", _sft_lines()[:1] * 3)
     cfg = spec.config(data_path=[str(data)], num_proc=1, cache_dir=str(tmp_path / "cache"), packing=False)
     with pytest.raises(ValueError, match="2 results for 3 records"):

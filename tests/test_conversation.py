@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import reference_labels
 from minimind_scale.conversation import encode_chat, encode_prompt, normalize_messages
 from minimind_scale.errors import RecordError
 
@@ -30,27 +31,6 @@ def tok():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-
-
-def reference_labels(input_ids: list[int], tok) -> list[int]:
-    """Label by scanning token ids: after each assistant header, through the closing `<|im_end|>\\n`."""
-    header = tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
-    closer = tok("<|im_end|>\n", add_special_tokens=False).input_ids
-    end_only = closer[:1]
-    labels = [-100] * len(input_ids)
-    i, n = 0, len(input_ids)
-    while i < n:
-        if input_ids[i : i + len(header)] == header:
-            j = i + len(header)
-            while j < n and input_ids[j : j + len(end_only)] != end_only:
-                j += 1
-            assert j < n, "assistant turn never closed"
-            stop = j + (len(closer) if input_ids[j : j + len(closer)] == closer else len(end_only))
-            labels[i + len(header) : stop] = input_ids[i + len(header) : stop]
-            i = stop
-        else:
-            i += 1
-    return labels
 
 
 def labelled_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
