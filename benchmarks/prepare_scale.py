@@ -33,9 +33,11 @@ one run, so other load on the machine weighs on both sides alike): a pretrain co
 (the ../shared/data/pretrain_*.jsonl lines, repeated) and an SFT corpus of --sft_mb MB (the sft_*.jsonl
 lines: alpaca, identity and tool-call conversations). Each repeat runs, per case, the real
 `prepare pretrain` / `prepare full_sft` (cold cache, --num_proc workers, packing on, max_seq_len 512),
-timed from start to exit, then `Tokenizer.encode_batch` on the same texts in a fresh process: the
-`text` fields for pretrain; for SFT the conversations already rendered by `apply_chat_template`
-(rendering not timed). The tokenizer runs twice: on one thread (TOKENIZERS_PARALLELISM=false, as
+timed from start to exit (its process tree's summed RSS sampled as above, but from /proc/PID/status alone:
+summing PSS reads smaps_rollup, whose page walk costs about a third of a core at 5 Hz, CPU the raw
+tokenizer's side would not lose; PSS is not reported here), then `Tokenizer.encode_batch` on the same
+texts in a fresh process: the `text` fields for pretrain; for SFT the conversations already rendered by
+`apply_chat_template` (rendering not timed). The tokenizer runs twice: on one thread (TOKENIZERS_PARALLELISM=false, as
 prepare's workers each run it), the reference of the ratio targets, and with its default parallelism
 (all cores). A ratio is the raw tokenizer's time over prepare's time on the same records (= prepare's
 tokens/s over the tokenizer's, counting the tokenizer's tokens on both sides; prepare keeps fewer,
@@ -224,11 +226,16 @@ def _pss_kb(pid: int) -> int:
 
 
 class TreeMemory(threading.Thread):
-    """Samples the memory of `pid` and all its descendants every `interval` seconds until stopped."""
+    """Samples the memory of `pid` and all its descendants every `interval` seconds until stopped.
 
-    def __init__(self, pid: int, interval: float = 0.2):
+    `pss`: also the PSS, from /proc/PID/smaps_rollup, which the kernel computes by walking every page of
+    the process: about 16 ms of CPU per sample of one 700 MB process, a third of a core at 5 Hz for
+    prepare's three processes. Without it only /proc/PID/status is read (microseconds) and PSS reads 0.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.2, pss: bool = True):
         super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
+        self.pid, self.interval, self.pss = pid, interval, pss
         self.peak_sum_rss = self.peak_max_rss = self.peak_sum_pss = self.peak_sum_anon = 0
         self.peak_procs = 0
         self.samples = 0
@@ -250,7 +257,7 @@ class TreeMemory(threading.Thread):
             rss += s.get("VmRSS", 0)
             anon += s.get("RssAnon", 0)
             biggest = max(biggest, s.get("VmRSS", 0))
-            pss += _pss_kb(p)
+            pss += _pss_kb(p) if self.pss else 0
         self.peak_sum_rss = max(self.peak_sum_rss, rss)
         self.peak_max_rss = max(self.peak_max_rss, biggest)
         self.peak_sum_pss = max(self.peak_sum_pss, pss)
@@ -312,12 +319,13 @@ class StderrLog(threading.Thread):
             self.lines.append((time.time() - self.t0, buf.decode("utf-8", "replace")))
 
 
-def run_measured(cmd: list[str], env: dict, log_path: Path, echo: bool, wait_file: Path | None = None) -> dict:
-    """Run `cmd`, sampling its process tree's memory; with `wait_file`, also the time until that file
-    has a first non-empty line."""
+def run_measured(cmd: list[str], env: dict, log_path: Path, echo: bool, wait_file: Path | None = None,
+                 pss: bool = True) -> dict:
+    """Run `cmd`, sampling its process tree's memory (`pss`: see TreeMemory); with `wait_file`, also the
+    time until that file has a first non-empty line."""
     t0, load_before = time.time(), os.getloadavg()[0]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(REPO))
-    mem = TreeMemory(proc.pid)
+    mem = TreeMemory(proc.pid, pss=pss)
     mem.start()
     reader = StderrLog(proc.stdout, log_path, t0, echo)
     reader.start()
@@ -414,8 +422,10 @@ def measure_ratios(args) -> None:
                 cmd = [sys.executable, "-m", "minimind_scale", "prepare", stage, "--data_path", str(corpus),
                        "--max_seq_len", str(args.max_seq_len), "--num_proc", str(args.num_proc),
                        "--tokenizer", os.path.relpath(args.tokenizer, REPO)]
+                # Only the summed RSS is reported here: sampling PSS too would take CPU from prepare's
+                # workers (TreeMemory), a cost the raw tokenizer's side does not bear.
                 prep = run_measured(cmd, dict(prep_env, MINIMIND_SCALE_CACHE=str(cache)), work / f"{stage}.log",
-                                    echo=not args.quiet)
+                                    echo=not args.quiet, pss=False)
                 if prep["rc"] != 0:
                     raise SystemExit(f"prepare {stage} failed (exit {prep['rc']}); see {work / (stage + '.log')}")
                 unpacked = Path(next(s for _, s in reversed(prep["lines"]) if s.strip().startswith("/")).strip())

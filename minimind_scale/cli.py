@@ -171,29 +171,33 @@ def config_file_plugins(argv: list[str]) -> list[str]:
     return [listed] if isinstance(listed, str) else [str(p) for p in listed]
 
 
-def dispatch(argv: list[str]) -> None:
+def dispatch(argv: list[str]) -> str | None:
+    """Run the command in argv; returns its name (None for the top-level help)."""
     argv = strip_launcher_args(argv)
     plugins, argv = pop_option(argv, "plugin")  # one file per --plugin; repeat the flag for more
     registry.discover(config_file_plugins(argv) + plugins)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(top_help())
-        return
+        return None
     command, rest = argv[0], argv[1:]
     if command == "prepare":
         run_prepare(rest, plugins)
     elif command in TOOLS:
         run_tool(command, rest)
-    elif command in registry.all_names():
+    elif registry.is_stage(command):
         run_stage(command, rest, plugins)
     else:
         names = registry.all_names() + list(TOOLS) + ["prepare"]
         raise UserError(f"unknown command '{command}'{did_you_mean(command, names)}. Run with --help for the list.")
+    return command
 
 
 def main(argv: list[str] | None = None) -> None:
     _quiet_third_parties()
     try:
-        dispatch(sys.argv[1:] if argv is None else argv)
+        command = dispatch(sys.argv[1:] if argv is None else argv)
+        if command == "prepare" and argv is None:
+            _exit_now()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         _shutdown_process_group()
@@ -211,6 +215,18 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     _shutdown_process_group()
+
+
+def _exit_now() -> None:
+    """End the process at once, skipping the interpreter's teardown: after `prepare` that teardown (freeing
+    torch's, transformers' and datasets' module state and every object, one by one) takes over a second and
+    leaves nothing to do. Everything `prepare` makes is already on disk: each cache entry is published by an
+    atomic rename once complete (publish.py), its worker pools are joined, and no process group was started;
+    only the standard streams still buffer output, so they are flushed first. Only when this process is the
+    command (`main()` reading sys.argv): called in-process with an argv list, as the tests do, it returns."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _shutdown_process_group() -> None:

@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Qwen3Config,
-    Qwen3MoeConfig,
-)
+from transformers import AutoTokenizer
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config, Qwen3MoeConfig
+
+# The model classes are imported where they are used: importing them pulls in transformers' modeling code
+# (about a second), which commands that only tokenise (`prepare`) never need.
 
 DEFAULT_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer"
 
@@ -37,6 +36,8 @@ def minimind_intermediate_size(hidden: int) -> int:
 
 def preset_config(name: str, vocab_size: int, tokenizer: PreTrainedTokenizerBase, hidden: int | None = None,
                   layers: int | None = None) -> Qwen3Config | Qwen3MoeConfig:
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
     p = dict(PRESETS[name])
     hidden = hidden or p["hidden"]
     if hidden % QUERY_HEADS:
@@ -108,6 +109,8 @@ def check_model_source(model: str, hidden_size: int | None = None, num_hidden_la
 def build_model(model: str, tokenizer: PreTrainedTokenizerBase, hidden_size: int | None = None,
                 num_hidden_layers: int | None = None) -> PreTrainedModel:
     """A fresh model from a preset (vocab follows the tokenizer) or a pretrained HF directory."""
+    from transformers import AutoModelForCausalLM
+
     if model in PRESETS:
         cfg = preset_config(model, len(tokenizer), tokenizer, hidden_size, num_hidden_layers)
         return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -133,6 +136,8 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, state_dict=None) -> None:
     """Write a directory that `AutoModelForCausalLM.from_pretrained` loads with no custom code."""
+    from transformers import GenerationConfig
+
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out)

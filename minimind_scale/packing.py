@@ -87,30 +87,53 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
-def _materialise(batch: dict, source: datasets.Dataset) -> dict:
-    out = {c: [] for c in PACKED_COLUMNS}
-    flat = [i for members in batch["members"] for i in members]
-    rows = source[flat] if flat else {"input_ids": [], "labels": []}
-    at = 0
-    for members in batch["members"]:
-        ids, labels, pos = [], [], []
-        for k in range(len(members)):
-            sample_ids, sample_labels = rows["input_ids"][at], list(rows["labels"][at])
-            at += 1
-            if k > 0:
-                sample_labels[0] = IGNORE_INDEX
-            ids.extend(sample_ids)
-            labels.extend(sample_labels)
-            pos.extend(range(len(sample_ids)))
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["position_ids"].append(pos)
+def _materialise(batch: dict, source, schema: pa.Schema | None = None) -> pa.Table:
+    """The packed rows of a batch of bins, built as whole numpy arrays: each column's tokens are the bins'
+    samples concatenated in order (a row's offsets are the running sum of its samples' lengths), the
+    label at the start of every sample but a row's first is IGNORE_INDEX, and the position ids count
+    from 0 within each sample. Returned as an Arrow table, handed to the writer as it is."""
+    members = batch["members"]
+    flat = np.fromiter((i for m in members for i in m), dtype=np.int64)
+    per_row = np.fromiter((len(m) for m in members), dtype=np.int64, count=len(members))
+    cols = _gather(source, flat)
+    ids, lengths = cols["input_ids"]
+    labels = cols["labels"][0].copy()
+    starts = np.cumsum(lengths) - lengths  # where each sample begins in the concatenation
+    first = np.cumsum(per_row) - per_row  # each row's first sample
+    later = np.ones(len(flat), dtype=bool)
+    later[first[per_row > 0]] = False
+    labels[starts[later]] = IGNORE_INDEX
+    positions = np.arange(len(ids), dtype=np.int32) - np.repeat(starts, lengths).astype(np.int32)
+    sample_ends = np.concatenate(([0], np.cumsum(lengths)))
+    offsets = sample_ends[np.concatenate(([0], np.cumsum(per_row)))].astype(np.int32)
+    types = {f.name: f.type for f in schema} if schema is not None else {}
+    arrays = [pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()),
+                                       type=types.get(name, pa.list_(pa.int32())))
+              for name, values in zip(PACKED_COLUMNS, (ids, labels, positions))]
+    return pa.table(arrays, names=list(PACKED_COLUMNS)) if schema is None else pa.table(arrays, schema=schema)
+
+
+def _gather(source, indices: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{column: (int32 tokens of the rows at `indices` concatenated in order, each row's length)} for
+    input_ids and labels, from a `_FileRows` or a data set."""
+    if isinstance(source, _FileRows):
+        return source.gather(indices)
+    table = source.with_format("arrow")[indices.tolist()] if len(indices) else None
+    out = {}
+    for c in ("input_ids", "labels"):
+        if table is None:
+            out[c] = (np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64))
+            continue
+        col = table.column(c).combine_chunks()
+        out[c] = (np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.int32),
+                  np.asarray(col.value_lengths().to_numpy(zero_copy_only=False), dtype=np.int64))
     return out
 
 
 class _FileRows:
-    """`rows[indices]` -> {column: [token list per row]} for a data set kept in Arrow stream files,
-    read with pread rather than through a memory map.
+    """`rows.gather(indices)` -> {column: (tokens of those rows concatenated, each row's length)} as numpy
+    arrays, and `rows[indices]` -> {column: [token list per row]}, for a data set kept in Arrow stream
+    files, read with pread rather than through a memory map.
 
     A bin's samples lie anywhere in the source. Read through a memory map, every page a process
     touches stays resident in it until the map is dropped (on recent kernels a whole large folio,
@@ -175,6 +198,30 @@ class _FileRows:
                                             dtype="<i4").tolist())
         return out
 
+    def gather(self, indices: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{column: (the tokens of the rows at `indices`, concatenated in order, as int32; each row's
+        length)}: one pread per row and column into one buffer, no Python int per token."""
+        if self._fds is None:
+            self._fds = [os.open(p, os.O_RDONLY) for p in self.files]
+        indices = np.asarray(indices, dtype=np.int64)
+        blocks = np.searchsorted(self.first_rows, indices, side="right") - 1
+        local = indices - self.first_rows[blocks]
+        out = {}
+        for j, c in enumerate(self.columns):
+            lo = np.empty(len(indices), dtype=np.int64)
+            hi = np.empty(len(indices), dtype=np.int64)
+            for b in np.unique(blocks).tolist():
+                at = blocks == b
+                offsets = self.offsets[b][j]
+                lo[at], hi[at] = offsets[local[at]], offsets[local[at] + 1]
+            lengths = hi - lo
+            chunks = []
+            for b, start, n in zip(blocks.tolist(), lo.tolist(), lengths.tolist()):
+                k, at = self.spans[b]
+                chunks.append(os.pread(self._fds[k], 4 * n, at[j] + 4 * start))
+            out[c] = (np.frombuffer(b"".join(chunks), dtype="<i4").astype(np.int32, copy=False), lengths)
+        return out
+
     def __getstate__(self):
         return {**self.__dict__, "_fds": None}
 
@@ -203,8 +250,8 @@ def pack_dataset(dataset: datasets.Dataset, max_seq_len: int, num_proc: int = 1,
     num_proc = max(1, min(num_proc, n_rows // 2000))
     source = dataset.select_columns(["input_ids", "labels"])
     rows = _FileRows.of(source)  # file-backed: read without a memory map
-    packed = plan.map(_materialise, batched=True, batch_size=200, remove_columns=["members"], features=features,
-                      fn_kwargs={"source": source if rows is None else rows},
+    packed = plan.map(_materialise, batched=True, batch_size=1000, remove_columns=["members"], features=features,
+                      fn_kwargs={"source": source if rows is None else rows, "schema": features.arrow_schema},
                       num_proc=num_proc if num_proc > 1 else None, cache_file_name=cache_file, desc="packing")
     report = PackingReport(samples=len(lengths), rows=n_rows, tokens=int(lengths.sum()), max_seq_len=max_seq_len)
     return packed, report

@@ -10,7 +10,8 @@ import json
 
 import torch
 
-from .conversation import encode_prompt, normalize_messages
+from .agent_data import agent_prompt
+from .conversation import encode_prompt, encode_prompts, normalize_messages
 from .errors import RecordError
 
 PROMPT_KEYS = ("prompt", "conversations", "messages")
@@ -44,9 +45,49 @@ def encode(record: dict, tokenizer, cfg) -> dict:
     """Prompt ids (their end kept when too long), the messages as JSON, and the record's other keys as JSON."""
     messages, tools = prompt_messages(record)
     ids = encode_prompt(messages, tools, tokenizer, open_thinking=thinking_open(messages, cfg))
+    return _row(record, messages, ids, {}, cfg)
+
+
+def _row(record: dict, messages: list[dict], ids: list[int], extra: dict, cfg) -> dict:
     columns = {k: v for k, v in record.items() if k not in PROMPT_KEYS}
+    columns.update(extra)
     return {"prompt_ids": ids[-cfg.max_prompt_len:], "prompt": json.dumps(messages, ensure_ascii=False),
             "columns": json.dumps(columns, ensure_ascii=False)}
+
+
+def _plain_prompt(record: dict) -> tuple[list[dict], list | None, dict]:
+    return (*prompt_messages(record), {})
+
+
+def _agent_prompt(record: dict) -> tuple[list[dict], list | None, dict]:
+    """stages/agent.py's prompt: agent_prompt's messages and tools, with the tools and gt as reward columns."""
+    messages, tools, gt = agent_prompt(record)
+    return messages, tools, {"tools": tools, "gt": gt}
+
+
+def encode_batch(records: list[dict], tokenizer, cfg, prompt_of=_plain_prompt) -> list[dict | RecordError]:
+    """`encode` of each record, or the RecordError it raises for it (returned, not raised): the valid
+    prompts rendered and tokenised in one call (conversation.encode_prompts), each with its own
+    open_thinking. `prompt_of(record)` -> (messages, tools, extra reward columns)."""
+    out: list = [None] * len(records)
+    parts, where = [], []
+    for i, record in enumerate(records):
+        try:
+            parts.append(prompt_of(record))
+            where.append(i)
+        except RecordError as e:
+            out[i] = e
+    prompts = [(messages, tools) for messages, tools, _ in parts]
+    thinking = [{"open_thinking": thinking_open(messages, cfg)} for messages, _ in prompts]
+    for i, (messages, _, extra), ids in zip(where, parts, encode_prompts(prompts, tokenizer, thinking)):
+        out[i] = _row(records[i], messages, ids, extra, cfg)
+    return out
+
+
+def encode_agent_batch(records: list[dict], tokenizer, cfg) -> list[dict | RecordError]:
+    """stages/agent.py's `encode` of each record, batched as `encode_batch` (its prompt is `agent_prompt`'s,
+    and its reward columns add the record's tools and gt)."""
+    return encode_batch(records, tokenizer, cfg, prompt_of=_agent_prompt)
 
 
 # The non-token columns `encode` writes, for StageSpec.value_columns.

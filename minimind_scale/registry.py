@@ -203,32 +203,67 @@ def load_plugin_file(path: str) -> None:
 
 
 def discover(plugin_files: list[str] | None = None) -> None:
-    """Load entry-point stages once, then any plugin files (environment first, then arguments)."""
+    """Find the entry-point stages once, then load any plugin files (environment first, then arguments).
+
+    An entry point is loaded when its stage is first looked up (`get_stage`, `is_stage`), or with every
+    other one when all are listed (`stages`, `all_names`): each built-in stage imports its own modules
+    (reward models, generation, tools), seconds of start-up that a command using one stage never needs.
+    """
     global _discovered
     if not _discovered:
         _discovered = True
         for ep in entry_points(group=ENTRY_POINT_GROUP):
-            obj = ep.load()
-            if isinstance(obj, StageSpec):
-                register_stage(obj)
+            _PENDING.setdefault(ep.name, []).append(ep)
     env = [p for p in os.environ.get(PLUGIN_ENV, "").split(os.pathsep) if p]
     for path in env + list(plugin_files or []):
         load_plugin_file(path)
 
 
-def get_stage(name: str) -> StageSpec:
+# Entry points found by `discover` and not loaded yet, by entry-point name.
+_PENDING: dict[str, list] = {}
+
+
+def _load_entry_points(names: list[str] | None = None) -> None:
+    """Load the pending entry points with these names (all of them when None) and register their stages."""
+    for name in list(_PENDING) if names is None else [n for n in names if n in _PENDING]:
+        for ep in _PENDING.pop(name):
+            obj = ep.load()
+            if isinstance(obj, StageSpec):
+                register_stage(obj)
+
+
+def _lookup(name: str) -> str | None:
+    """The registered stage name for a stage name or alias: its entry point of that name is loaded first
+    (so a clash with a plugin's stage of the same name is still found), then, if that does not settle it
+    (an alias, or an entry point named otherwise than its stage), every other one."""
+    _load_entry_points([name])
+    if _ALIASES.get(name, name) not in _STAGES:
+        _load_entry_points()
     name = _ALIASES.get(name, name)
-    if name not in _STAGES:
+    return name if name in _STAGES else None
+
+
+def is_stage(name: str) -> bool:
+    """Whether `name` is a registered stage or alias."""
+    return _lookup(name) is not None
+
+
+def get_stage(name: str) -> StageSpec:
+    found = _lookup(name)
+    if found is None:
         from .config import did_you_mean
 
+        name = _ALIASES.get(name, name)
         raise UserError(f"unknown stage '{name}'{did_you_mean(name, all_names())}; "
                         f"stages: {', '.join(sorted(_STAGES))}")
-    return _STAGES[name]
+    return _STAGES[found]
 
 
 def stages() -> list[StageSpec]:
+    _load_entry_points()
     return [_STAGES[k] for k in sorted(_STAGES)]
 
 
 def all_names() -> list[str]:
+    _load_entry_points()
     return sorted(_STAGES) + sorted(_ALIASES)

@@ -116,6 +116,7 @@ SPEC = register_stage(StageSpec(
     help="tool-use RL: GRPO on multi-turn trajectories that call the functions of a tools file",
     config=AgentConfig,
     encode=encode,
+    encode_batch=prompt_rows.encode_agent_batch,
     collate=prompt_rows.collate,
     loss=loss,
     loss_units=lambda batch: batch["_units"],

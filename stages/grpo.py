@@ -196,6 +196,7 @@ SPEC = register_stage(StageSpec(
     help="online RL from reward functions / a reward model: CISPO (default), GRPO, DAPO, Dr. GRPO",
     config=GRPOConfig,
     encode=prompt_rows.encode,
+    encode_batch=prompt_rows.encode_batch,
     collate=prompt_rows.collate,
     loss=loss,
     loss_units=lambda batch: batch["_units"],

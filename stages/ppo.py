@@ -240,6 +240,7 @@ SPEC = register_stage(StageSpec(
     help="online RL with a critic (GAE, clipped policy and value losses, KL to a reference)",
     config=PPOConfig,
     encode=prompt_rows.encode,
+    encode_batch=prompt_rows.encode_batch,
     collate=prompt_rows.collate,
     loss=loss,
     loss_units=lambda batch: batch["_units"],

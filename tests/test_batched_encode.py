@@ -357,3 +357,33 @@ def test_line_spans_found_with_numpy_equal_the_line_by_line_ones(tmp_path):
         data._write_line_spans(str(path), str(out), block_bytes=block_bytes)
         with pa.OSFile(str(out)) as f:
             assert pa.ipc.open_stream(f).read_all().to_pylist() == expected, block_bytes
+
+
+PROMPT_RECORDS = [{"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": [{"role": "user", "content": "q"}]},
+                  {"prompt": ""}, {"prompt": 3}, {"answer": "no prompt"},
+                  {"conversations": [{"role": "assistant", "content": "no user turn"}]},
+                  {"conversations": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                                     {"role": "assistant", "content": ""}], "gt": ["x"]},
+                  {"conversations": [{"role": "user", "content": "q"}], "gt": {"bad": 1}}]
+
+
+@needs_shared
+@pytest.mark.parametrize("stage", ["grpo", "ppo", "agent"])
+def test_prompt_encode_batch_equals_encode_on_shared_data(stage, tmp_path):
+    """The online stages' encode_batch (prompts.encode_batch / encode_agent_batch) against their `encode`,
+    record by record: rlaif-style conversations (the shared SFT data, its trailing assistant turn dropped, some
+    with tools), the agent tasks, and bad records, with both open_thinking choices and truncated prompts."""
+    discover()
+    spec = get_stage(stage)
+    assert spec.encode_batch is not None
+    tok = _tokenizer("shared")
+    records = PROMPT_RECORDS + _jsonl(REPO / "tests" / "data" / "agent" / "tasks.jsonl")
+    records += [r for f in shared_files("sft_") for r in _jsonl(f)][::3]
+    tools = str(REPO / "examples" / "agent_tools.py")
+    fields = {"tools": tools} if stage == "agent" else {"reward_funcs": ["accuracy"]}
+    cfg = spec.config(max_prompt_len=64, thinking_ratio=0.5, **fields)
+    per_record = [_outcome(spec.encode, r, tok, cfg) for r in records]
+    got = [_as_outcome(r) for r in spec.encode_batch(records, tok, cfg)]
+    assert got == per_record
+    assert sum(isinstance(o, tuple) for o in got) >= 4 and sum(isinstance(o, dict) for o in got) > 500
+    assert {len(o["prompt_ids"]) == 64 for o in got if isinstance(o, dict)} == {True, False}
