@@ -10,7 +10,6 @@ import json
 
 import torch
 
-from .agent_data import agent_prompt
 from .conversation import encode_prompt, encode_prompts, normalize_messages
 from .errors import RecordError
 
@@ -59,12 +58,6 @@ def _plain_prompt(record: dict) -> tuple[list[dict], list | None, dict]:
     return (*prompt_messages(record), {})
 
 
-def _agent_prompt(record: dict) -> tuple[list[dict], list | None, dict]:
-    """stages/agent.py's prompt: agent_prompt's messages and tools, with the tools and gt as reward columns."""
-    messages, tools, gt = agent_prompt(record)
-    return messages, tools, {"tools": tools, "gt": gt}
-
-
 def encode_batch(records: list[dict], tokenizer, cfg, prompt_of=_plain_prompt) -> list[dict | RecordError]:
     """`encode` of each record, or the RecordError it raises for it (returned, not raised): the valid
     prompts rendered and tokenised in one call (conversation.encode_prompts), each with its own
@@ -82,12 +75,6 @@ def encode_batch(records: list[dict], tokenizer, cfg, prompt_of=_plain_prompt) -
     for i, (messages, _, extra), ids in zip(where, parts, encode_prompts(prompts, tokenizer, thinking)):
         out[i] = _row(records[i], messages, ids, extra, cfg)
     return out
-
-
-def encode_agent_batch(records: list[dict], tokenizer, cfg) -> list[dict | RecordError]:
-    """stages/agent.py's `encode` of each record, batched as `encode_batch` (its prompt is `agent_prompt`'s,
-    and its reward columns add the record's tools and gt)."""
-    return encode_batch(records, tokenizer, cfg, prompt_of=_agent_prompt)
 
 
 # The non-token columns `encode` writes, for StageSpec.value_columns.

@@ -49,6 +49,17 @@ class AgentState(GRPOState):
 # --------------------------------------------------------------------------- data
 
 
+def _prompt(record: dict) -> tuple[list[dict], list | None, dict]:
+    """agent_prompt's messages and tools, with the tools and gt as reward columns."""
+    messages, tools, gt = agent_prompt(record)
+    return messages, tools, {"tools": tools, "gt": gt}
+
+
+def encode_batch(records: list[dict], tokenizer, cfg) -> list:
+    """`encode` of each record, through prompts.encode_batch (one tokenizer call for the batch)."""
+    return prompt_rows.encode_batch(records, tokenizer, cfg, prompt_of=_prompt)
+
+
 def encode(record: dict, tokenizer, cfg) -> dict:
     """The prompt (ids only bound its length: each trajectory renders it again), its messages, and as
     reward columns the record's other keys with its tool schemas and gt."""
@@ -116,7 +127,7 @@ SPEC = register_stage(StageSpec(
     help="tool-use RL: GRPO on multi-turn trajectories that call the functions of a tools file",
     config=AgentConfig,
     encode=encode,
-    encode_batch=prompt_rows.encode_agent_batch,
+    encode_batch=encode_batch,
     collate=prompt_rows.collate,
     loss=loss,
     loss_units=lambda batch: batch["_units"],

@@ -370,7 +370,7 @@ PROMPT_RECORDS = [{"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": [{"rol
 @needs_shared
 @pytest.mark.parametrize("stage", ["grpo", "ppo", "agent"])
 def test_prompt_encode_batch_equals_encode_on_shared_data(stage, tmp_path):
-    """The online stages' encode_batch (prompts.encode_batch / encode_agent_batch) against their `encode`,
+    """The online stages' encode_batch (prompts.encode_batch, and agent's through it) against their `encode`,
     record by record: rlaif-style conversations (the shared SFT data, its trailing assistant turn dropped, some
     with tools), the agent tasks, and bad records, with both open_thinking choices and truncated prompts."""
     discover()
