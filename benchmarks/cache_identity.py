@@ -79,10 +79,10 @@ def cases(tokenizers: dict[str, str]) -> list[tuple[str, str, str, int | None]]:
 
 
 def fingerprint_all(work: Path, num_proc: int, log=print) -> dict:
-    from minimind_scale.data import prepare_dataset
-    from minimind_scale.evaluate import AUGMENTATIONS_OFF
-    from minimind_scale.models import load_tokenizer
-    from minimind_scale.registry import discover, get_stage
+    from minimind_scale.data.prepare import prepare_dataset
+    from minimind_scale.inference.evaluate import AUGMENTATIONS_OFF
+    from minimind_scale.models.build import load_tokenizer
+    from minimind_scale.training.registry import discover, get_stage
 
     discover()
     tok_dirs = {"minimind": str(SHARED / "tokenizers" / "minimind"), "packaged": None}

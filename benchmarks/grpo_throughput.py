@@ -47,7 +47,7 @@ def write_policy(args, work: Path) -> tuple[Path, int, str]:
     """The start policy as a Hugging Face directory; (directory, parameter count, tokenizer used)."""
     import torch
 
-    from minimind_scale.models import build_model, count_parameters, load_tokenizer, save_hf
+    from minimind_scale.models.build import build_model, count_parameters, load_tokenizer, save_hf
 
     if args.tokenizer.is_dir():
         tokenizer, used = load_tokenizer(str(args.tokenizer)), _portable(args.tokenizer)

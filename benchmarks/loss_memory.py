@@ -58,9 +58,9 @@ def measure(variant: str, args) -> dict:
     """One variant in this process: the first step's peak, then the mean time of `args.steps` steps."""
     import torch
 
-    from minimind_scale.chunked_loss import enable_loss_forward
-    from minimind_scale.losses import causal_lm_loss
-    from minimind_scale.models import build_model, load_tokenizer
+    from minimind_scale.losses.causal_lm import causal_lm_loss
+    from minimind_scale.losses.chunked import enable_loss_forward
+    from minimind_scale.models.build import build_model, load_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(str(MINIMIND_TOKENIZER) if MINIMIND_TOKENIZER.is_dir() else None)

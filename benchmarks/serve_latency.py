@@ -35,7 +35,7 @@ PROMPTS = ["Who are you?", "What is the capital of France?", "Write a poem about
 def write_model(work: Path) -> tuple[Path, str]:
     import torch
 
-    from minimind_scale.models import build_model, load_tokenizer, save_hf
+    from minimind_scale.models.build import build_model, load_tokenizer, save_hf
 
     used = str(MINIMIND_TOKENIZER) if MINIMIND_TOKENIZER.is_dir() else None
     tokenizer = load_tokenizer(used)

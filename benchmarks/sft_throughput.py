@@ -55,11 +55,11 @@ def run_sft(name: str, args, work: Path) -> list[dict]:
 def replay_rows(name: str, args, work: Path) -> list[tuple[int, int]]:
     """(real tokens, padded slots) of every optimizer step of the run, from its own data order."""
     os.environ["MINIMIND_SCALE_CACHE"] = str(work / "cache")
-    from minimind_scale.data import prepare_dataset
-    from minimind_scale.loader import make_loader
-    from minimind_scale.models import load_tokenizer
-    from minimind_scale.registry import discover, get_stage
-    from minimind_scale.rows import row_lengths
+    from minimind_scale.data.loader import make_loader
+    from minimind_scale.data.prepare import prepare_dataset
+    from minimind_scale.data.rows import row_lengths
+    from minimind_scale.models.build import load_tokenizer
+    from minimind_scale.training.registry import discover, get_stage
 
     discover()
     spec = get_stage("sft")

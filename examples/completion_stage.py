@@ -8,11 +8,11 @@ Records: {"prompt": "...", "completion": "..."}. The README shows this file; tes
 from pydantic import Field
 
 from minimind_scale import StageSpec, TrainConfig, register_stage
-from minimind_scale.batching import pad_collate
 from minimind_scale.config import LearningRate
+from minimind_scale.data.batching import pad_collate
+from minimind_scale.data.rows import IGNORE_INDEX
 from minimind_scale.errors import RecordError
-from minimind_scale.losses import causal_lm_loss, count_label_tokens
-from minimind_scale.rows import IGNORE_INDEX
+from minimind_scale.losses.causal_lm import causal_lm_loss, count_label_tokens
 
 
 class CompletionConfig(TrainConfig):

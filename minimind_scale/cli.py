@@ -10,28 +10,29 @@ import os
 import sys
 from pathlib import Path
 
-from . import registry
-from .config import build_config, describe_fields, did_you_mean, load_yaml, parse_flags
-from .errors import PeerLost, RunFailed, UserError
+from minimind_scale.config import build_config, describe_fields, did_you_mean, load_yaml, parse_flags
+from minimind_scale.errors import PeerLost, RunFailed, UserError
+from minimind_scale.training import registry
 
 # Tool commands: name -> (module, config class, run function, one-line help). Imported lazily.
 TOOLS: dict[str, tuple[str, str, str, str]] = {
-    "train-tokenizer": ("minimind_scale.tokenizer_train", "TrainTokenizerConfig", "run",
+    "train-tokenizer": ("minimind_scale.models.tokenizer_train", "TrainTokenizerConfig", "run",
                         "train a ByteLevel BPE tokenizer with the ChatML chat template"),
-    "chat": ("minimind_scale.generate", "ChatConfig", "run", "talk to a trained model (or one answer with --prompt)"),
-    "serve": ("minimind_scale.serve", "ServeConfig", "run",
+    "chat": ("minimind_scale.inference.chat", "ChatConfig", "run",
+             "talk to a trained model (or one answer with --prompt)"),
+    "serve": ("minimind_scale.inference.serve", "ServeConfig", "run",
               "an OpenAI-compatible HTTP server (streaming, reasoning, tool calls) with a web chat page"),
-    "eval": ("minimind_scale.evaluate", "EvalConfig", "run",
+    "eval": ("minimind_scale.inference.evaluate", "EvalConfig", "run",
              "loss, perplexity and token count of a model on a data set (JSON)"),
-    "eval-tools": ("minimind_scale.eval_tools", "EvalToolsConfig", "run",
+    "eval-tools": ("minimind_scale.inference.eval_tools", "EvalToolsConfig", "run",
                    "play agent tasks with real tool calls (a tools .py file); pass rate as JSON"),
-    "demo": ("minimind_scale.demo", "DemoConfig", "run",
+    "demo": ("minimind_scale.training.demo", "DemoConfig", "run",
              "tokenizer -> pretrain -> SFT on the bundled demo data, then chat"),
-    "export": ("minimind_scale.export", "ExportConfig", "run",
+    "export": ("minimind_scale.models.export", "ExportConfig", "run",
                "a training checkpoint (plain or ZeRO, LoRA merged) -> a Hugging Face model directory"),
-    "import-minimind": ("minimind_scale.import_minimind", "ImportMinimindConfig", "run",
+    "import-minimind": ("minimind_scale.models.import_minimind", "ImportMinimindConfig", "run",
                         "a MiniMind .pth state dict -> a Hugging Face model directory"),
-    "plot": ("minimind_scale.plot", "PlotConfig", "run",
+    "plot": ("minimind_scale.training.plot", "PlotConfig", "run",
              "loss / lr / tokens-per-second curves of one or more runs -> loss.png"),
 }
 
@@ -132,9 +133,9 @@ def run_stage(name: str, argv: list[str], plugins: list[str]) -> None:
     cfg = _config_for(spec.config, argv, name)
     # The plugin files this run loaded, so that its config.yaml re-runs with --config alone.
     cfg.plugin = list(dict.fromkeys(cfg.plugin + plugins))
-    from .checkpoint import newest_checkpoint
-    from .distributed import LaunchEnv, peer_failures_as_errors
-    from .engine import train
+    from minimind_scale.training.checkpoint import newest_checkpoint
+    from minimind_scale.training.distributed import LaunchEnv, peer_failures_as_errors
+    from minimind_scale.training.engine import train
 
     with peer_failures_as_errors(LaunchEnv.from_environ().world_size, lambda: newest_checkpoint(Path(cfg.out_dir))):
         train(spec, cfg)
@@ -145,8 +146,8 @@ def run_prepare(argv: list[str], plugins: list[str]) -> None:
         raise UserError("usage: python -m minimind_scale prepare STAGE [--field value ...]")
     spec = registry.get_stage(argv[0])
     cfg = _config_for(spec.config, argv[1:], f"prepare {spec.name}")
-    from .data import prepare_dataset
-    from .models import load_tokenizer
+    from minimind_scale.data.prepare.prepare import prepare_dataset
+    from minimind_scale.models.build.build import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     dataset, path, report = prepare_dataset(spec, cfg, tokenizer, log=lambda m: print(m, file=sys.stderr))

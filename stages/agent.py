@@ -19,14 +19,14 @@ from typing import ClassVar
 from pydantic import Field
 
 from minimind_scale import StageSpec, register_stage
-from minimind_scale import prompts as prompt_rows
-from minimind_scale.agent_data import agent_prompt
+from minimind_scale.agent.records import agent_prompt
+from minimind_scale.agent.tools import ToolBox, load_tools
+from minimind_scale.agent.trajectory import run_trajectories
+from minimind_scale.chat.conversation import TURN_END, encode_prompt
 from minimind_scale.config import OutDir
-from minimind_scale.conversation import TURN_END, encode_prompt
-from minimind_scale.scoring import RewardScorer, check_rewards, frozen_reference, generated_ids, group_columns
+from minimind_scale.rl import prompts as prompt_rows
+from minimind_scale.rl.scoring import RewardScorer, check_rewards, frozen_reference, generated_ids, group_columns
 from minimind_scale.stages.grpo import GRPOConfig, GRPOState, group_rollout, loss, steps_per_rollout
-from minimind_scale.tools import ToolBox, load_tools
-from minimind_scale.trajectory import run_trajectories
 
 
 class AgentConfig(GRPOConfig):

@@ -15,11 +15,11 @@ from pydantic import Field, field_validator, model_validator
 
 from minimind_scale import LossOutput, StageSpec, StageState, TrainConfig, register_stage
 from minimind_scale.config import BatchSize, LearningRate, ModelSource, OutDir, Packing
-from minimind_scale.distillation import distillation_loss
+from minimind_scale.data.rows import IGNORE_INDEX
 from minimind_scale.errors import UserError
-from minimind_scale.losses import count_label_tokens, forward_logits
-from minimind_scale.models import is_model_dir
-from minimind_scale.rows import IGNORE_INDEX
+from minimind_scale.losses.causal_lm import count_label_tokens, forward_logits
+from minimind_scale.losses.distillation import distillation_loss
+from minimind_scale.models.build import is_model_dir
 from minimind_scale.stages.full_sft import (
     AUGMENTATION_FIELDS,
     AddSystemRatio,
@@ -86,7 +86,7 @@ def check_same_vocabulary(student, teacher, teacher_dir: str, tokenizer) -> None
         raise UserError(f"the teacher {teacher_dir} has a vocabulary of {vt} tokens and the student has {vs}: "
                         "distillation compares their distributions token by token, so they must share one tokenizer")
     if (Path(teacher_dir) / "tokenizer_config.json").is_file():
-        from minimind_scale.models import load_tokenizer
+        from minimind_scale.models.build import load_tokenizer
 
         if load_tokenizer(teacher_dir).get_vocab() != tokenizer.get_vocab():
             raise UserError(f"the teacher {teacher_dir} and the student both have {vs} tokens but different "

@@ -18,15 +18,15 @@ import torch
 from pydantic import Field
 
 from minimind_scale import LossOutput, StageSpec, StageState, TrainConfig, register_stage
-from minimind_scale.batching import pad_collate, padded_length
+from minimind_scale.chat.conversation import encode_chats, normalize_messages
 from minimind_scale.config import BatchSize, LearningRate, MaxSeqLen, ModelSource, OutDir
-from minimind_scale.conversation import encode_chats, normalize_messages
-from minimind_scale.datacache import file_fingerprint, fingerprint_dir
+from minimind_scale.data.batching import pad_collate, padded_length
+from minimind_scale.data.cache import file_fingerprint, fingerprint_dir
+from minimind_scale.data.rows import IGNORE_INDEX, NO_LOSS
 from minimind_scale.errors import RecordError, UserError
-from minimind_scale.losses import forward_logits
-from minimind_scale.models import is_model_dir
-from minimind_scale.preference import dpo_loss, sequence_logprobs
-from minimind_scale.rows import IGNORE_INDEX, NO_LOSS
+from minimind_scale.losses.causal_lm import forward_logits
+from minimind_scale.losses.preference import dpo_loss, sequence_logprobs
+from minimind_scale.models.build import is_model_dir
 
 SIDES = ("chosen", "rejected")
 

@@ -11,12 +11,12 @@ from typing import Annotated
 from pydantic import Field
 
 from minimind_scale import StageSpec, TrainConfig, register_stage
-from minimind_scale.batching import pad_collate, padded_length
+from minimind_scale.chat.conversation import encode_chat, encode_chats, normalize_messages, render_chat
 from minimind_scale.config import BatchSize, Epochs, LearningRate, MaxSeqLen, ModelSource, OutDir, Packing
-from minimind_scale.conversation import encode_chat, encode_chats, normalize_messages, render_chat
+from minimind_scale.data.batching import pad_collate, padded_length
+from minimind_scale.data.record_draws import RecordPosition
 from minimind_scale.errors import RecordError
-from minimind_scale.losses import causal_lm_loss, count_label_tokens
-from minimind_scale.record_draws import RecordPosition
+from minimind_scale.losses.causal_lm import causal_lm_loss, count_label_tokens
 
 AddSystemRatio = Annotated[float, Field(
     ge=0, le=1, description="share of conversations without a system turn or tools that get a system prompt drawn "

@@ -16,15 +16,15 @@ import torch
 from pydantic import Field, model_validator
 
 from minimind_scale import LossOutput, StageSpec, StageState, register_stage
-from minimind_scale import prompts as prompt_rows
+from minimind_scale.chat.conversation import TURN_END
 from minimind_scale.config import BatchSize, LearningRate, OutDir
-from minimind_scale.context import Rollout
-from minimind_scale.conversation import TURN_END
-from minimind_scale.online_config import OnlineRLConfig
-from minimind_scale.policy_losses import loss_units, reduce_policy_loss, scale_advantages, token_loss
-from minimind_scale.rows import IGNORE_INDEX
-from minimind_scale.sampling import completion_logprobs, sample
-from minimind_scale.scoring import RewardScorer, check_rewards, frozen_reference, log_completions, score_samples
+from minimind_scale.data.rows import IGNORE_INDEX
+from minimind_scale.losses.policy import loss_units, reduce_policy_loss, scale_advantages, token_loss
+from minimind_scale.rl import prompts as prompt_rows
+from minimind_scale.rl.config import OnlineRLConfig
+from minimind_scale.rl.sampling import completion_logprobs, sample
+from minimind_scale.rl.scoring import RewardScorer, check_rewards, frozen_reference, log_completions, score_samples
+from minimind_scale.training.context import Rollout
 
 
 class GRPOConfig(OnlineRLConfig):

@@ -12,8 +12,8 @@ from pydantic import Field, field_validator
 from minimind_scale import StageSpec, TrainConfig, register_stage
 from minimind_scale.config import BatchSize, Epochs, LearningRate, ModelSource, OutDir, Packing
 from minimind_scale.errors import UserError
-from minimind_scale.losses import causal_lm_loss, count_label_tokens
-from minimind_scale.models import PRESETS, save_hf
+from minimind_scale.losses.causal_lm import causal_lm_loss, count_label_tokens
+from minimind_scale.models.build import PRESETS, save_hf
 from minimind_scale.stages.full_sft import (
     AUGMENTATION_FIELDS,
     AddSystemRatio,
@@ -75,7 +75,7 @@ def finalize(model, tokenizer, final_dir: Path, cfg, ctx):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from minimind_scale.distributed import whole_model_construction
+    from minimind_scale.training.distributed import whole_model_construction
 
     # Merged from the saved adapter and a fresh copy of the base rather than from the live model: the
     # live one may be sharded (ZeRO-3) or wrapped, and merging it in place would change what was trained.

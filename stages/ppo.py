@@ -17,19 +17,19 @@ import torch
 from pydantic import Field, model_validator
 
 from minimind_scale import LossOutput, StageSpec, StageState, register_stage
-from minimind_scale import prompts as prompt_rows
-from minimind_scale.actor_critic import ActorCritic, build_critic
+from minimind_scale.chat.conversation import TURN_END
 from minimind_scale.config import BatchSize, LearningRate, OutDir
-from minimind_scale.context import Rollout
-from minimind_scale.conversation import TURN_END
-from minimind_scale.distributed import reduce_sum
-from minimind_scale.models import PRESETS, build_model, preset_config
-from minimind_scale.online_config import OnlineRLConfig
-from minimind_scale.policy_losses import k3_kl
-from minimind_scale.ppo_losses import gae, policy_terms, token_rewards, value_terms, whiten
-from minimind_scale.rows import IGNORE_INDEX
-from minimind_scale.sampling import Samples, concat_samples, logprobs_from_logits, position_ids_from_mask, sample
-from minimind_scale.scoring import RewardScorer, check_rewards, frozen_reference, log_completions, score_samples
+from minimind_scale.data.rows import IGNORE_INDEX
+from minimind_scale.losses.policy import k3_kl
+from minimind_scale.losses.ppo import gae, policy_terms, token_rewards, value_terms, whiten
+from minimind_scale.models.build import PRESETS, build_model, preset_config
+from minimind_scale.rl import prompts as prompt_rows
+from minimind_scale.rl.actor_critic import ActorCritic, build_critic
+from minimind_scale.rl.config import OnlineRLConfig
+from minimind_scale.rl.sampling import Samples, concat_samples, logprobs_from_logits, position_ids_from_mask, sample
+from minimind_scale.rl.scoring import RewardScorer, check_rewards, frozen_reference, log_completions, score_samples
+from minimind_scale.training.context import Rollout
+from minimind_scale.training.distributed import reduce_sum
 
 
 class PPOConfig(OnlineRLConfig):

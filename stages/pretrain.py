@@ -1,9 +1,9 @@
 """pretrain: next-token prediction on raw text ({"text": ...}), loss on every real token."""
 from minimind_scale import StageSpec, TrainConfig, register_stage
-from minimind_scale.batching import pad_collate, padded_length
 from minimind_scale.config import AccumulationSteps, BatchSize, OutDir, Packing
+from minimind_scale.data.batching import pad_collate, padded_length
 from minimind_scale.errors import RecordError
-from minimind_scale.losses import causal_lm_loss, count_label_tokens
+from minimind_scale.losses.causal_lm import causal_lm_loss, count_label_tokens
 
 
 class PretrainConfig(TrainConfig):

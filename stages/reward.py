@@ -15,11 +15,11 @@ import torch
 from pydantic import Field, field_validator
 
 from minimind_scale import LossOutput, StageSpec, TrainConfig, register_stage
-from minimind_scale.batching import forward_kwargs
 from minimind_scale.config import BatchSize, LearningRate, MaxSeqLen, ModelSource, OutDir
+from minimind_scale.data.batching import forward_kwargs
 from minimind_scale.errors import RecordError, UserError
-from minimind_scale.models import PRESETS
-from minimind_scale.reward_model_loss import bradley_terry_loss
+from minimind_scale.losses.reward_model import bradley_terry_loss
+from minimind_scale.models.build import PRESETS
 from minimind_scale.stages import dpo
 
 

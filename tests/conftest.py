@@ -143,8 +143,8 @@ def tool_memorised_model(tmp_path_factory, data_cache) -> tuple[Path, Path, Path
     greedily with those tools, the model calls the tool, reads its result and answers; about 20 s of CPU."""
     import shutil
 
-    from minimind_scale.agent_data import read_agent_tasks
-    from minimind_scale.tools import load_tools
+    from minimind_scale.agent.records import read_agent_tasks
+    from minimind_scale.agent.tools import load_tools
 
     sft = json.loads((AGENT_DATA / "tool_sft.jsonl").read_text())
     task = read_agent_tasks(AGENT_DATA / "tasks.jsonl")[0]

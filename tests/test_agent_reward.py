@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import AGENT_DATA
-from minimind_scale.reward_funcs import (
+from minimind_scale.rl.rewards import (
     BUILTIN_REWARDS,
     load_reward_funcs,
     minimind_agent,

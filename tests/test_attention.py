@@ -5,8 +5,8 @@ import importlib.util
 
 import pytest
 
-from minimind_scale.attention import resolve_attention
 from minimind_scale.errors import UserError
+from minimind_scale.models.attention import resolve_attention
 
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 

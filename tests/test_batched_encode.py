@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minimind_scale import conversation
-from minimind_scale.conversation import (
+from minimind_scale.chat import conversation
+from minimind_scale.chat.conversation import (
     encode_chat,
     encode_chats,
     encode_prompt,
@@ -26,12 +26,12 @@ from minimind_scale.conversation import (
     normalize_messages,
     render_chat,
 )
-from minimind_scale.data import prepare_dataset
+from minimind_scale.data.prepare import prepare_dataset
+from minimind_scale.data.record_draws import RecordPosition
+from minimind_scale.data.rows import IGNORE_INDEX
 from minimind_scale.errors import RecordError, UserError
-from minimind_scale.models import load_tokenizer
-from minimind_scale.record_draws import RecordPosition
-from minimind_scale.registry import discover, get_stage
-from minimind_scale.rows import IGNORE_INDEX
+from minimind_scale.models.build import load_tokenizer
+from minimind_scale.training.registry import discover, get_stage
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -345,7 +345,7 @@ def test_encode_batch_with_the_wrong_number_of_results_is_refused(tmp_path):
 def test_line_spans_found_with_numpy_equal_the_line_by_line_ones(tmp_path):
     import pyarrow as pa
 
-    from minimind_scale import data
+    from minimind_scale.data.prepare import prepare as data
 
     content = b'{"a": 1}\n\n   \n\r\n\t \x0b\x0c\nx\r\n\xe4\xb8\xad\n  y  \n\n' * 3 + b"last, without a newline"
     path = tmp_path / "d.jsonl"

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from minimind_scale import datacache
-from minimind_scale.data import prepare_dataset
-from minimind_scale.models import load_tokenizer
-from minimind_scale.registry import discover, get_stage
+from minimind_scale.data.prepare import cache as datacache
+from minimind_scale.data.prepare import prepare_dataset
+from minimind_scale.models.build import load_tokenizer
+from minimind_scale.training.registry import discover, get_stage
 
 RECORD = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 

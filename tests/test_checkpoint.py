@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from minimind_scale.checkpoint import STATE_FILE, complete_checkpoints, find_resume_checkpoint
 from minimind_scale.errors import UserError
+from minimind_scale.training.checkpoint import STATE_FILE, complete_checkpoints, find_resume_checkpoint
 
 
 def _ckpt(root, name, complete=True):

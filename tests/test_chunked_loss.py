@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEMO, read_metrics, run_cli
-from minimind_scale.batching import pad_collate
-from minimind_scale.chunked_loss import enable_loss_forward
+from minimind_scale.data.batching import pad_collate
 from minimind_scale.errors import UserError
-from minimind_scale.losses import causal_lm_loss
-from minimind_scale.models import build_model, load_tokenizer
+from minimind_scale.losses.causal_lm import causal_lm_loss
+from minimind_scale.losses.chunked import enable_loss_forward
+from minimind_scale.models.build import build_model, load_tokenizer
 
 CHUNK = 5  # smaller than a row, so one batch makes several chunks, the last loss-bearing one ragged
 SEQ = 16

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from minimind_scale.batching import pad_collate
-from minimind_scale.data import prepare_dataset
-from minimind_scale.loader import EpochSampler
-from minimind_scale.models import load_tokenizer
-from minimind_scale.registry import discover, get_stage
+from minimind_scale.data.batching import pad_collate
+from minimind_scale.data.loader import EpochSampler
+from minimind_scale.data.prepare import prepare_dataset
+from minimind_scale.models.build import load_tokenizer
+from minimind_scale.training.registry import discover, get_stage
 
 
 @pytest.fixture(scope="module")

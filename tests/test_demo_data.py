@@ -7,7 +7,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from minimind_scale.demo_data import DEMO_ANSWERS, DEMO_PROMPTS, generate
+from minimind_scale.data.demo_data import DEMO_ANSWERS, DEMO_PROMPTS, generate
 
 ASSETS = Path(__file__).resolve().parents[1] / "minimind_scale" / "assets" / "demo"
 
@@ -32,7 +32,7 @@ def test_committed_assets_are_current(tmp_path):
     for path in fresh.values():
         committed = ASSETS / path.name
         assert committed.read_bytes() == path.read_bytes(), \
-            f"{committed} is stale: run python -m minimind_scale.demo_data"
+            f"{committed} is stale: run python -m minimind_scale.data.demo_data"
 
 
 def test_records_are_valid_and_small():

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minimind_scale.distillation import distillation_loss, kd_loss_sum, weighted_cross_entropy_sum
+from minimind_scale.losses.distillation import distillation_loss, kd_loss_sum, weighted_cross_entropy_sum
 
 
 def sample(seed=0, batch=2, seq=6, vocab=11):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minimind_scale.errors import UserError
-from minimind_scale.evaluate import EvalConfig, detect_stage, run
+from minimind_scale.inference.evaluate import EvalConfig, detect_stage, run
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "minimind_scale" / "assets" / "demo"

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from minimind_scale.flops import device_peak_flops, train_flops_per_token
-from minimind_scale.models import build_model, load_tokenizer
+from minimind_scale.models.build import build_model, load_tokenizer
+from minimind_scale.training.flops import device_peak_flops, train_flops_per_token
 
 
 @pytest.mark.parametrize("preset", ["tiny", "minimind3-moe"])

@@ -15,9 +15,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
 
-from minimind_scale import generate
 from minimind_scale.errors import UserError
-from minimind_scale.generate import ChatConfig, ChatStreamer, answer, load_chat_model, run, strip_empty_think
+from minimind_scale.inference import chat as generate
+from minimind_scale.inference.chat import ChatConfig, ChatStreamer, answer, load_chat_model, run, strip_empty_think
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SFT = REPO / "minimind_scale" / "assets" / "demo" / "sft.jsonl"

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import DEMO, read_metrics, run_cli
-from minimind_scale.batching import VARLEN_KEYS, pad_collate
-from minimind_scale.data import prepare_dataset
+from minimind_scale.data.batching import VARLEN_KEYS, pad_collate
+from minimind_scale.data.packing import best_fit_decreasing, pack_dataset
+from minimind_scale.data.prepare import prepare_dataset
 from minimind_scale.errors import UserError
-from minimind_scale.losses import count_label_tokens, forward_logits, shifted_labels
-from minimind_scale.packing import best_fit_decreasing, pack_dataset
-from minimind_scale.registry import discover, get_stage
+from minimind_scale.losses.causal_lm import count_label_tokens, forward_logits, shifted_labels
+from minimind_scale.training.registry import discover, get_stage
 
 TINY = ["--model", "tiny", "--dtype", "fp32", "--log_interval", "1", "--num_proc", "1", "--seed", "3"]
 
@@ -133,7 +133,7 @@ def varlen_reference():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from minimind_scale.models import build_model, load_tokenizer
+    from minimind_scale.models.build import build_model, load_tokenizer
 
     tok = load_tokenizer(None)
     torch.manual_seed(0)
@@ -248,7 +248,7 @@ def sft_file(tmp_path_factory):
 
 
 def test_prepare_dataset_caches_the_packed_variant_beside_the_unpacked(sft_file, tmp_path):
-    from minimind_scale.models import load_tokenizer
+    from minimind_scale.models.build import load_tokenizer
 
     discover()
     spec = get_stage("sft")

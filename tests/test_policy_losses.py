@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from minimind_scale.policy_losses import (
+from minimind_scale.losses.policy import (
     cispo_token_loss,
     clipped_token_loss,
     k3_kl,

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minimind_scale.policy_losses import k3_kl
-from minimind_scale.ppo_losses import gae, policy_terms, token_rewards, value_terms, whiten
+from minimind_scale.losses.policy import k3_kl
+from minimind_scale.losses.ppo import gae, policy_terms, token_rewards, value_terms, whiten
 
 
 def assert_close(actual: torch.Tensor, expected) -> None:
@@ -79,7 +79,7 @@ def test_policy_clip_takes_the_pessimistic_branch():
 
 
 def tiny_policy_and_critic():
-    from minimind_scale.models import load_tokenizer
+    from minimind_scale.models.build import load_tokenizer
     from minimind_scale.stages.ppo import PPOConfig, build_policy_and_critic
 
     tokenizer = load_tokenizer(None)
@@ -89,7 +89,7 @@ def tiny_policy_and_critic():
 
 
 def test_kl_enters_the_loss_as_k3_or_not_at_all_when_it_is_in_the_reward():
-    from minimind_scale.sampling import completion_logprobs
+    from minimind_scale.rl.sampling import completion_logprobs
     from minimind_scale.stages.ppo import loss
 
     model, cfg = tiny_policy_and_critic()

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from minimind_scale.preference import dpo_loss, sequence_logprobs
+from minimind_scale.losses.preference import dpo_loss, sequence_logprobs
 
 # The example: three pairs of (policy, reference) sequence log-probabilities.
 PC = torch.tensor([-0.5, -10.0, -1.0])

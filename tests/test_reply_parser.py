@@ -6,7 +6,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minimind_scale.reply_parser import CONTENT_TAGS, ReplyParser, parse_reply
+from minimind_scale.chat.reply_parser import CONTENT_TAGS, ReplyParser, parse_reply
 
 CALL = '<tool_call>\n{"name": "calculate_math", "arguments": {"expression": "37 * 43"}}\n</tool_call>'
 

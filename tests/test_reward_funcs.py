@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minimind_scale.errors import UserError
-from minimind_scale.reward_funcs import (
+from minimind_scale.rl.rewards import (
     BUILTIN_REWARDS,
     accuracy,
     load_reward_funcs,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from minimind_scale.reward_model_loss import bradley_terry_loss, reward_accuracy, reward_margin, reward_metrics
+from minimind_scale.losses.reward_model import bradley_terry_loss, reward_accuracy, reward_margin, reward_metrics
 
 RC = [2.0, 0.0, -1.0]
 RR = [1.0, 0.0, 1.0]

@@ -6,10 +6,10 @@ import pytest
 
 pytest.importorskip("fastapi", reason="serve needs its packages (pip install -e '.[serve]')")
 
-from minimind_scale.models import load_tokenizer
-from minimind_scale.reply_parser import Piece, ToolCall
-from minimind_scale.serve_app import ChatService
-from minimind_scale.serve_schema import ApiError, completion, parse_request, prompt_parts
+from minimind_scale.chat.reply_parser import Piece, ToolCall
+from minimind_scale.inference.serve_app import ChatService
+from minimind_scale.inference.serve_schema import ApiError, completion, parse_request, prompt_parts
+from minimind_scale.models.build import load_tokenizer
 
 HI = [{"role": "user", "content": "hi"}]
 TOOLS = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}]

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED, reference_labels
-from minimind_scale.conversation import encode_chat, normalize_messages, render_chat
-from minimind_scale.data import prepare_dataset
-from minimind_scale.models import load_tokenizer
-from minimind_scale.registry import discover, get_stage
+from minimind_scale.chat.conversation import encode_chat, normalize_messages, render_chat
+from minimind_scale.data.prepare import prepare_dataset
+from minimind_scale.models.build import load_tokenizer
 from minimind_scale.stages.full_sft import EMPTY_THINK, SYSTEM_PROMPTS
+from minimind_scale.training.registry import discover, get_stage
 
 SFT_FILES = sorted((SHARED / "data").glob("sft_*.jsonl"))
 TOKENIZER = SHARED / "tokenizers" / "minimind"

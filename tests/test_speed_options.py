@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import DEMO, read_metrics, run_cli
-from minimind_scale.batching import pad_collate, padded_length
-from minimind_scale.losses import causal_lm_loss
-from minimind_scale.models import build_model, load_tokenizer
+from minimind_scale.data.batching import pad_collate, padded_length
+from minimind_scale.losses.causal_lm import causal_lm_loss
+from minimind_scale.models.build import build_model, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,7 +55,7 @@ def test_compiled_model_gives_the_same_loss_and_gradients():
 
 
 def test_packed_rows_under_compile_have_one_shape():
-    from minimind_scale.registry import discover, get_stage
+    from minimind_scale.training.registry import discover, get_stage
 
     discover()
     cfg = get_stage("sft").config(max_seq_len=96, packing=True, compile=True)

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from transformers import AutoTokenizer
 
 from minimind_scale.errors import UserError
-from minimind_scale.tokenizer_train import (
+from minimind_scale.models.tokenizer_train import (
     ADDED_TOKENS,
     CHAT_TEMPLATE,
     RESERVED_TOKENS,

@@ -12,14 +12,14 @@ import time
 import pytest
 
 from conftest import AGENT_DATA, AGENT_TOOLS, REPO
-from minimind_scale.errors import UserError
-from minimind_scale.tools import (
+from minimind_scale.agent.tools import (
     declared_tool_names,
     load_tools,
     parse_tool_calls,
     required_arguments,
     tool_schemas,
 )
+from minimind_scale.errors import UserError
 
 TOOLS = '''
 import os
@@ -200,7 +200,7 @@ def test_the_worker_ends_with_its_parent(tools_file):
     for ending in ("pass", "os.kill(os.getpid(), 9)"):
         code = textwrap.dedent(f"""
             import os, sys
-            from minimind_scale.tools import load_tools
+            from minimind_scale.agent.tools import load_tools
             box = load_tools(sys.argv[1])
             print(box.call("tell_pid", {{}}).content, flush=True)
             {ending}

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import SHARED, needs_shared
-from minimind_scale.agent_data import read_agent_tasks
-from minimind_scale.conversation import TURN_END, encode_prompt
-from minimind_scale.models import load_tokenizer
-from minimind_scale.tools import load_tools
-from minimind_scale.trajectory import observation_ids, run_trajectories
+from minimind_scale.agent.records import read_agent_tasks
+from minimind_scale.agent.tools import load_tools
+from minimind_scale.agent.trajectory import observation_ids, run_trajectories
+from minimind_scale.chat.conversation import TURN_END, encode_prompt
+from minimind_scale.models.build import load_tokenizer
 
 GENERATION_HEAD = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 CALL = '<tool_call>\n{"name": "calculate_math", "arguments": {"expression": "37 * 43"}}\n</tool_call>'

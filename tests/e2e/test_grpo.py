@@ -29,7 +29,7 @@ def grpo_files(tmp_path_factory) -> dict[str, Path]:
     """A start policy (the tiny preset, saved), a reward model on its backbone, prompts and a reward file."""
     from transformers import AutoModelForSequenceClassification
 
-    from minimind_scale.models import build_model, load_tokenizer, save_hf
+    from minimind_scale.models.build import build_model, load_tokenizer, save_hf
 
     root = tmp_path_factory.mktemp("grpo")
     tokenizer = load_tokenizer(None)

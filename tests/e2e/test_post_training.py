@@ -163,7 +163,7 @@ def test_distill_a_smaller_student(tmp_path, data_cache, sft_model):
 def test_distill_refuses_a_teacher_with_another_vocabulary(tmp_path, data_cache):
     from transformers import AutoModelForCausalLM
 
-    from minimind_scale.models import load_tokenizer, preset_config
+    from minimind_scale.models.build import load_tokenizer, preset_config
 
     tok = load_tokenizer(None)
     teacher = tmp_path / "teacher"

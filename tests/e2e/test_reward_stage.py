@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from minimind_scale.models import load_tokenizer
+    from minimind_scale.models.build import load_tokenizer
 
     return load_tokenizer(None)
 
@@ -32,7 +32,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def start_model(tmp_path_factory, tokenizer) -> Path:
     """An untrained tiny causal LM (hidden 64, 2 layers) saved as a Hugging Face directory."""
-    from minimind_scale.models import build_model, save_hf
+    from minimind_scale.models.build import build_model, save_hf
 
     out = tmp_path_factory.mktemp("reward_start") / "lm"
     save_hf(build_model("tiny", tokenizer), tokenizer, out)
@@ -154,7 +154,7 @@ def test_eval_ranks_the_training_pairs_where_the_untrained_model_does_not(traine
 
 def test_eval_refuses_a_model_that_is_not_a_reward_model(capsys, data_cache, start_model, pairs):
     from minimind_scale.errors import UserError
-    from minimind_scale.evaluate import EvalConfig, run
+    from minimind_scale.inference.evaluate import EvalConfig, run
 
     with pytest.raises(UserError, match=f"{start_model}.*num_labels 2"):
         run(EvalConfig(model=str(start_model), data_path=[str(pairs)], stage="reward", cache_dir=str(data_cache)))

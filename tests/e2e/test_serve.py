@@ -18,7 +18,7 @@ from conftest import cli_in_process
 openai = pytest.importorskip("openai", reason="the serve tests need the openai client (pip install -e '.[dev]')")
 pytest.importorskip("fastapi", reason="serve needs its packages (pip install -e '.[serve]')")
 
-from minimind_scale.agent_data import read_agent_tasks  # noqa: E402
+from minimind_scale.agent.records import read_agent_tasks  # noqa: E402
 
 PROMPTS = ["What is 37 * 43?", "hello", "Who are you?", "Tell me a story about a cat."]
 ANSWER_TOKENS = 24

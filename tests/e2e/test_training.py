@@ -61,11 +61,11 @@ def test_loss_normalisation_independent_of_accumulation_and_processes(tmp_path, 
 def test_first_step_loss_is_the_token_mean(tmp_path, data_cache, varied_sft):
     """The logged loss of step 1 equals a direct computation: the initial model's summed token
     cross-entropy over the step's 8 conversations divided by their loss-bearing token count."""
-    from minimind_scale.data import prepare_dataset
-    from minimind_scale.loader import make_loader
-    from minimind_scale.losses import token_cross_entropy_sum
-    from minimind_scale.models import build_model, load_tokenizer
-    from minimind_scale.registry import discover, get_stage
+    from minimind_scale.data.loader import make_loader
+    from minimind_scale.data.prepare import prepare_dataset
+    from minimind_scale.losses.causal_lm import token_cross_entropy_sum
+    from minimind_scale.models.build import build_model, load_tokenizer
+    from minimind_scale.training.registry import discover, get_stage
 
     out = tmp_path / "run"
     run_cli(["sft", "--data_path", str(varied_sft), "--max_steps", "1", "--batch_size", "8",

@@ -11,7 +11,7 @@ from conftest import cli_in_process, run_cli
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
-    from minimind_scale.models import build_model, load_tokenizer, save_hf
+    from minimind_scale.models.build import build_model, load_tokenizer, save_hf
 
     root = tmp_path_factory.mktemp("grpo_bad")
     tokenizer = load_tokenizer(None)

@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import cli_in_process
-from minimind_scale import registry
+from minimind_scale.data.rows import IGNORE_INDEX
 from minimind_scale.errors import RecordError
-from minimind_scale.models import load_tokenizer
-from minimind_scale.rows import IGNORE_INDEX
+from minimind_scale.models.build import load_tokenizer
+from minimind_scale.training import registry
 
 KEYS = ["text", "conversations", "messages", "role", "content", "reasoning_content", "tools", "tool_calls", "chosen",
         "rejected", "name", "arguments", "function"]

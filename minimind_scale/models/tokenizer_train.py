@@ -1,0 +1,249 @@
+"""Train a byte-level BPE tokenizer that is a drop-in replacement for MiniMind's.
+
+"Drop-in" means: the same special / added token strings at the same ids (0..35), the same
+bos/eos/pad/unk, the same ByteLevel pre-tokenizer and decoder, and a chat template whose rendered
+text equals MiniMind's for every conversation that template accepts. Models, data pipelines and
+loss masks built for MiniMind's tokenizer therefore work unchanged with one trained here.
+
+The default tokenizer shipped in `minimind_scale/assets/tokenizer/` was made from the demo data
+(see `minimind_scale/demo_data.py`) with, from the repository root:
+
+    python -m minimind_scale.data.demo_data
+    python -c "from minimind_scale.models.tokenizer_train import TrainTokenizerConfig, run; \
+run(TrainTokenizerConfig(data_path=['minimind_scale/assets/demo/pretrain.jsonl', \
+'minimind_scale/assets/demo/sft.jsonl'], vocab_size=1024, out_dir='minimind_scale/assets/tokenizer'))"
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import Field
+
+from minimind_scale.config import StrictConfig
+from minimind_scale.errors import UserError
+
+# MiniMind's token table for ids 0..35 (the order is the id). Ids 0..20 are special (dropped by
+# `skip_special_tokens`); 21..35 are ordinary added tokens, so tool calls and thinking markers
+# survive decoding, which the tool-call and reasoning parsers rely on.
+SPECIAL_TOKENS: list[str] = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<|audio_pad|>",
+    "<tts_pad>",
+    "<tts_text_bos>",
+    "<tts_text_eod>",
+    "<tts_text_bos_single>",
+]
+ADDED_TOKENS: list[str] = [
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+] + [f"<|buffer{i}|>" for i in range(1, 10)]
+RESERVED_TOKENS: list[str] = SPECIAL_TOKENS + ADDED_TOKENS
+
+BOS_TOKEN = "<|im_start|>"
+EOS_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
+UNK_TOKEN = "<|endoftext|>"
+
+# ChatML with tools and <think> blocks. Written for this project; its rendered text is identical to
+# MiniMind's template (tests/test_tokenizer_train.py checks this on real data), because the
+# assistant-token loss mask and any MiniMind checkpoint depend on the exact characters.
+# Behaviours kept on purpose:
+# - tools go into the system turn (after the system text and a blank line), one JSON per line;
+# - every assistant turn carries a <think> block, empty or not, and text before a `</think>` in
+#   the content is moved into that block unless `reasoning_content` is given;
+# - consecutive `tool` messages are merged into one user turn of <tool_response> blocks;
+# - `open_thinking=True` leaves the generation prompt's <think> block open for the model to fill.
+CHAT_TEMPLATE = (
+    "{%- set opens_with_system = messages[0].role == 'system' %}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if opens_with_system %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' ~ (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- elif opens_with_system %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- set content = message.content if message.content is string else '' %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' ~ message.role ~ '\\n' ~ content ~ '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{%- if message.reasoning_content is string %}"
+    "{%- set thought = message.reasoning_content %}"
+    "{%- elif '</think>' in content %}"
+    "{%- set pieces = content.split('</think>') %}"
+    "{%- set thought = pieces[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = pieces[-1].lstrip('\\n') %}"
+    "{%- else %}"
+    "{%- set thought = '' %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' ~ thought.strip('\\n') ~ '\\n</think>\\n\\n' ~ content.lstrip('\\n') }}"
+    "{%- for call in (message.tool_calls or []) %}"
+    "{%- if content or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{%- set fn = call.function if call.function else call %}"
+    "{%- set args = fn.arguments if fn.arguments is string else (fn.arguments | tojson) %}"
+    "{{- '<tool_call>\\n{\"name\": \"' ~ fn.name ~ '\", \"arguments\": ' ~ args ~ '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or loop.previtem.role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' ~ content ~ '\\n</tool_response>' }}"
+    "{%- if loop.last or loop.nextitem.role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' }}"
+    "{%- if not (open_thinking is defined and open_thinking is true) %}{{- '\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+class TrainTokenizerConfig(StrictConfig):
+    """Options of `python -m minimind_scale train-tokenizer`."""
+
+    data_path: list[str] = Field(
+        ..., min_length=1,
+        description="jsonl files to learn from: `text` records and/or `conversations` / `messages` records",
+    )
+    vocab_size: int = Field(
+        6400, ge=64,
+        description="target vocabulary size, reserved tokens included (BPE may stop earlier on a small corpus)",
+    )
+    out_dir: str = Field(
+        ..., description="directory the tokenizer is saved to (loads with AutoTokenizer.from_pretrained)",
+    )
+
+
+def _record_texts(record: object) -> Iterator[str]:
+    if not isinstance(record, dict):
+        return
+    text = record.get("text")
+    if isinstance(text, str):
+        yield text
+    for key in ("conversations", "messages"):
+        turns = record.get(key)
+        if not isinstance(turns, list):
+            continue
+        for turn in turns:
+            if not isinstance(turn, dict):
+                continue
+            for field in ("content", "reasoning_content"):
+                value = turn.get(field)
+                if isinstance(value, str):
+                    yield value
+
+
+def iter_texts(paths: list[str], stats: dict[str, int]) -> Iterator[str]:
+    """Yield every text of the files one line at a time; `stats` counts texts and characters.
+
+    Streaming matters: tokenizer corpora are often larger than memory.
+    """
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
+                if not isinstance(record, dict):
+                    raise UserError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+                for text in _record_texts(record):
+                    if text:
+                        stats["texts"] += 1
+                        stats["chars"] += len(text)
+                        yield text
+
+
+def build_tokenizer(texts: Iterator[str], vocab_size: int):
+    """Train the BPE on `texts` and wrap it as a `PreTrainedTokenizerFast` with MiniMind's layout."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=RESERVED_TOKENS,
+        # Every byte gets a token even if the corpus lacks it, so any text round-trips.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+
+    # The trainer registers every reserved token as special; MiniMind's ids 21..35 are not special.
+    spec = json.loads(tok.to_str())
+    plain = set(ADDED_TOKENS)
+    for entry in spec["added_tokens"]:
+        entry["normalized"] = False
+        entry["special"] = entry["content"] not in plain
+    tok = Tokenizer.from_str(json.dumps(spec, ensure_ascii=False))
+    for token_id, token in enumerate(RESERVED_TOKENS):
+        if tok.token_to_id(token) != token_id:
+            raise RuntimeError(f"tokenizer training put {token!r} at id {tok.token_to_id(token)}, expected {token_id}")
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (PAD_TOKEN,)],
+        add_bos_token=False,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        model_max_length=131072,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def run(cfg: TrainTokenizerConfig) -> None:
+    """Train on `cfg.data_path` and save to `cfg.out_dir`."""
+    for path in cfg.data_path:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: data file not found")
+    start = time.perf_counter()
+    stats = {"texts": 0, "chars": 0}
+    fast = build_tokenizer(iter_texts(cfg.data_path, stats), cfg.vocab_size)
+    if stats["texts"] == 0:
+        raise UserError(
+            f"{', '.join(cfg.data_path)}: no text found (expected `text` or `conversations` / `messages` records)"
+        )
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    # The template goes into tokenizer_config.json (as in MiniMind's tokenizer) rather than a separate
+    # chat_template.jinja, so tools that read only that file still find it.
+    fast.save_pretrained(cfg.out_dir, save_jinja_files=False)
+    seconds = time.perf_counter() - start
+    print(
+        f"tokenizer: vocab {len(fast)} (asked {cfg.vocab_size}) from {stats['texts']} texts "
+        f"({stats['chars']} chars) in {len(cfg.data_path)} file(s), {seconds:.1f} s -> {cfg.out_dir}"
+    )

@@ -1,0 +1,297 @@
+"""The one training loop, for every stage, on HF Accelerate. Reads top to bottom in the order a step happens.
+
+Loss normalisation (docs/architecture.md): a stage returns loss SUMS and a unit count per micro-batch.
+Before an optimizer step the engine counts the units of all its micro-batches on all ranks (N), then
+back-props each micro-batch's sum scaled by world·accumulation/N. Accelerate (or DeepSpeed) divides by
+the accumulation steps and DDP/ZeRO average over ranks, so the gradient is exactly Σ losses / N.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minimind_scale.data.prepare.batching import to_device
+from minimind_scale.data.prepare.loader import make_loader
+from minimind_scale.data.prepare.publish import STAGING_PREFIX, publish_once
+from minimind_scale.data.prepare.rows import row_lengths
+from minimind_scale.errors import NonFiniteLoss
+from minimind_scale.losses.causal_lm.causal_lm import count_label_tokens
+from minimind_scale.models.build.build import save_hf
+from minimind_scale.training.checkpoint import save_checkpoint, write_failures_reported
+from minimind_scale.training.context import Rollout
+from minimind_scale.training.distributed import reduce_sum
+from minimind_scale.training.preemption import StopRequest
+from minimind_scale.training.run import Run, setup
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, summed over its micro-batches and all ranks."""
+
+    loss: float                  # Σ loss / Σ units
+    metrics: dict[str, float]    # the stage's metrics, each Σ / Σ units
+    tokens: int                  # loss-bearing tokens
+    input_tokens: int            # all real tokens, for throughput and MFU
+    row_length: int              # the longest row, for FLOPs per token
+    lr: float = 0.0              # the learning rate the update used
+    grad_norm: float | None = None  # before clipping; None where DeepSpeed reports none (ZeRO-0)
+
+
+def train(spec, cfg) -> Path:
+    run = setup(spec, cfg)
+    state = run.state
+    stop = StopRequest()
+    bar = tqdm(total=run.total_steps, initial=state.step, desc=spec.name, file=sys.stdout, dynamic_ncols=True,
+               disable=not run.accelerator.is_main_process)
+    run.model.train()
+    run.throughput.start()
+    while state.step < run.total_steps:
+        for step in step_batches(run):
+            # Kept on the step: the seam reads it to decide whether a rollout is reused further.
+            step.result = optimizer_step(run, step) if step.micro_batches else skip_update(run)
+            state.step += 1
+            state.batch_in_epoch += step.consumed
+            if step.result is not None:
+                record_step(run, step.result, bar)
+            bar.update(1)
+            stopping = step.ends_rollout and stop.agreed(run.accelerator)
+            # A rollout's steps are saved together: due when its steps crossed a multiple of save_interval.
+            every = cfg.save_interval
+            save_due = (every and state.step < run.total_steps and step.ends_rollout
+                        and state.step // every != (state.step - run.steps_per_rollout) // every)
+            if stopping or save_due:
+                saved = checkpoint(run)
+            if stopping:
+                bar.close()
+                run.say(f"stopped by {stop.signal_name or 'a signal on another rank'} after step {state.step}; "
+                        f"checkpoint {saved}. Run the same command again to continue.")
+                run.accelerator.end_training()
+                return saved
+            if state.step == run.total_steps:
+                break
+        else:  # the epoch ran out before the last step
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    bar.close()
+    checkpoint(run)
+    final = save_final(run)
+    run.accelerator.end_training()
+    run.say(f"done: {state.step} steps, {state.tokens} loss-bearing tokens, {state.elapsed_sec:.1f}s -> {final}")
+    return final
+
+
+def record_step(run: Run, result: StepResult, bar) -> None:
+    """Count, log and report one optimizer step that ran."""
+    state = run.state
+    state.tokens += result.tokens
+    run.throughput.record(result.input_tokens, result.row_length)
+    if state.step % run.cfg.log_interval == 0 or state.step == run.total_steps:
+        log_step(run, result, bar)
+    for callback in run.callbacks:
+        callback.on_step_end(run, result)
+
+
+@dataclass
+class StepInput:
+    """What one optimizer step trains on; no micro-batches means the step is skipped."""
+
+    consumed: int                # loader batches this step takes from the epoch (0 when it reuses a rollout)
+    micro_batches: list[dict]
+    metrics: dict[str, tuple[float, float]]  # the rollout's own metrics: name -> (sum, count) on this process
+    ends_rollout: bool = True    # the last step on this rollout
+    result: StepResult | None = None  # set by the loop once the step ran
+
+
+def step_batches(run: Run) -> Iterator[StepInput]:
+    """Where an optimizer step's micro-batches come from, for each remaining step of the current epoch.
+    An offline stage trains on the loader's window of `accumulation_steps` batches; a stage with a
+    rollout turns that window into micro-batches itself, for `steps_per_rollout` steps."""
+    cfg, acc, state = run.cfg, run.accelerator, run.state
+    loader = make_loader(run.ctx.dataset, lambda rows: run.spec.collate(rows, run.ctx.tokenizer, cfg), cfg.batch_size,
+                         acc.num_processes, acc.process_index, cfg.seed, state.epoch,
+                         skip_batches=state.batch_in_epoch, num_workers=cfg.dataloader_workers,
+                         lengths=row_lengths(run.ctx.dataset) if cfg.group_by_length else None,
+                         with_index=run.spec.row_index)
+    batches = iter(loader)
+    while window := list(itertools.islice(batches, cfg.accumulation_steps)):
+        if run.spec.rollout is None:
+            yield StepInput(len(window), window, {})
+            continue
+        made = rollout(run, window)
+        made = made if isinstance(made, Rollout) else Rollout(made)
+        yield from rollout_steps(run, made, len(window))
+
+
+def rollout_steps(run: Run, made: Rollout, consumed: int) -> Iterator[StepInput]:
+    """The steps_per_rollout steps on one rollout. Steps the rollout did not plan, and every step after the
+    stage stopped reusing it (on metrics all processes share), are skipped, so all processes stay in step."""
+    plan, last = made.plan(run.steps_per_rollout), run.steps_per_rollout - 1
+    if len(plan) > run.steps_per_rollout:
+        raise RuntimeError(f"stage '{run.spec.name}': its rollout planned {len(plan)} steps; its steps_per_rollout "
+                           f"allows {run.steps_per_rollout}")
+    stopped = False
+    for k in range(run.steps_per_rollout):
+        step = StepInput(consumed if k == 0 else 0, plan[k] if k < len(plan) and not stopped else [],
+                         made.metrics, k == last)
+        yield step
+        if step.result is not None and run.spec.stop_reusing is not None:
+            stopped = stopped or run.spec.stop_reusing(step.result.metrics, run.cfg)
+
+
+def rollout(run: Run, window: list[dict]) -> list[dict]:
+    """The stage's rollout on this step's loader batches: no gradients, eval mode (dropout off, the
+    KV cache on for generation), on the unwrapped model with ZeRO-3's shards gathered."""
+    model = run.accelerator.unwrap_model(run.model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), gathered_parameters(run, model):
+            return run.spec.rollout(model, [to_device(b, run.accelerator.device) for b in window], run.cfg, run.ctx)
+    finally:
+        model.train(was_training)
+
+
+def gathered_parameters(run: Run, model):
+    """Under ZeRO-3 each rank holds a shard of every weight; generation needs them whole."""
+    plugin = run.accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+
+def optimizer_step(run: Run, step: StepInput) -> StepResult:
+    """Forward and backward every micro-batch of one optimizer step, normalised over the whole step, then update."""
+    acc, cfg, spec, micro_batches = run.accelerator, run.cfg, run.spec, step.micro_batches
+    units, tokens, inputs = reduce_sum(acc, [
+        sum(float(spec.loss_units(b)) for b in micro_batches),
+        sum(float(count_label_tokens(b)) for b in micro_batches if "labels" in b),
+        sum(float(b["_tokens"]) for b in micro_batches if "_tokens" in b)])
+    units = max(units, 1.0)
+    scale = acc.num_processes * cfg.accumulation_steps / units
+    # A short window (the end of an epoch) must still sync on its last micro-batch: accelerate's
+    # accumulate() syncs when its counter reaches the accumulation steps. More micro-batches than that
+    # sync more than once, which sums the same gradient under DDP, but DeepSpeed would step its optimizer.
+    if run.uses_deepspeed and len(micro_batches) > cfg.accumulation_steps:
+        raise RuntimeError(f"stage '{spec.name}': a step of {len(micro_batches)} micro-batches under DeepSpeed, "
+                           f"whose optimizer steps every accumulation_steps ({cfg.accumulation_steps}) micro-batches")
+    acc.step = cfg.accumulation_steps - len(micro_batches)
+    loss_sum, sums, counts = 0.0, {}, {}
+    for batch in micro_batches:
+        batch = to_device(batch, acc.device)
+        with acc.accumulate(run.model):
+            out = spec.loss(run.model, batch, cfg, run.ctx)
+            for callback in run.callbacks:
+                callback.on_micro_batch_loss(run, out)
+            acc.backward(out.loss_sum * scale)
+        loss_sum += out.loss_sum.detach().float()
+        for k, v in out.metrics.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+            counts[k] = counts.get(k, 0.0) + float(out.metric_units.get(k, 0.0))
+    loss, metrics = step_metrics(acc, loss_sum, units, sums, counts, step.metrics)
+    result = StepResult(loss=loss, metrics=metrics, tokens=int(tokens), input_tokens=int(inputs),
+                        row_length=max((b["input_ids"].shape[1] for b in micro_batches if "input_ids" in b), default=0),
+                        lr=run.scheduler.get_last_lr()[0])
+    result.grad_norm = apply_update(run, result.loss)
+    return result
+
+
+def step_metrics(acc, loss_sum, units: float, sums: dict, counts: dict,
+                 rollout_metrics: dict[str, tuple[float, float]]) -> tuple[float, dict[str, float]]:
+    """(loss, metrics) of a step, every sum and count reduced over all processes in one collective. A metric
+    is divided by its own summed count where it has one, else by the step's loss units."""
+    names = sorted(sums) + sorted(rollout_metrics)
+    pairs = [(sums[k], counts[k]) for k in sorted(sums)] + [rollout_metrics[k] for k in sorted(rollout_metrics)]
+    reduced = reduce_sum(acc, [loss_sum] + [v for pair in pairs for v in pair])
+    metrics = {}
+    for i, name in enumerate(names):
+        total, count = reduced[1 + 2 * i], reduced[2 + 2 * i]
+        metrics[name] = total / (count if count > 0 else units)
+    return reduced[0] / units, metrics
+
+
+def apply_update(run: Run, loss: float) -> float | None:
+    """Clip and step, unless the loss or the gradient is not finite (nan_policy); returns the gradient norm
+    before clipping. DeepSpeed clips (gradient_clipping) and steps inside backward, so there it is only read."""
+    cfg, acc = run.cfg, run.accelerator
+    if run.uses_deepspeed:
+        norm = run.model.get_global_grad_norm()
+    else:
+        norm = acc.clip_grad_norm_(run.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    grad_norm = float(norm) if norm is not None else None
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        if not run.uses_deepspeed:
+            run.optimizer.step()
+    elif cfg.nan_policy == "stop" or run.uses_deepspeed:
+        raise NonFiniteLoss(f"step {run.state.step + 1}: loss {loss}, gradient norm {grad_norm}. Stopped "
+                            "without saving: the newest checkpoint in checkpoints/ is the last good state "
+                            "(nan_policy skip_step would skip such steps instead).")
+    else:
+        run.state.skipped_steps += 1
+        run.say(f"\nstep {run.state.step + 1}: non-finite loss or gradient, update skipped "
+                f"({run.state.skipped_steps} so far)")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return grad_norm
+
+
+def skip_update(run: Run) -> None:
+    """A step the rollout did not train: the schedule still advances, as if it had."""
+    run.scheduler.step()
+
+
+def log_step(run: Run, result: StepResult, bar) -> None:
+    state = run.state
+    epoch = state.epoch + state.batch_in_epoch / max(1, run.steps_per_epoch * run.cfg.accumulation_steps)
+    row = {"step": state.step, "epoch": epoch, "lr": result.lr, "grad_norm": result.grad_norm, "tokens": state.tokens,
+           **run.throughput.rates(state.tokens, state.elapsed_sec), "world_size": run.accelerator.num_processes,
+           "skipped_steps": state.skipped_steps, "loss": result.loss, **result.metrics}
+    run.metrics_log.write(row)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{row['tokens_per_sec']:.0f}")
+
+
+def checkpoint(run: Run) -> Path:
+    run.state.elapsed_sec += run.throughput.take_elapsed()
+    return save_checkpoint(run.accelerator, run.out_dir, run.state, run.cfg.save_total_limit, run.ctx.state)
+
+
+def save_final(run: Run) -> Path:
+    """final/ in Hugging Face format, published like a checkpoint: it is complete or absent."""
+    acc, final = run.accelerator, run.out_dir / "final"
+    # Under DeepSpeed every rank must join the gather of sharded weights; otherwise the model's own
+    # state dict (with its tied embedding) is what save_pretrained expects.
+    state_dict = acc.get_state_dict(run.model) if acc.state.deepspeed_plugin is not None else None
+    if acc.is_main_process:
+        model, staging = acc.unwrap_model(run.model), run.out_dir / f"{STAGING_PREFIX}final"
+
+        def write(path: Path) -> None:
+            for subdir, (part, part_state) in final_parts(run.spec, model, state_dict).items():
+                save_hf(part, run.ctx.tokenizer, path / subdir, state_dict=part_state)
+            if run.spec.finalize is not None:
+                run.spec.finalize(model, run.ctx.tokenizer, path, run.cfg, run.ctx)
+
+        with write_failures_reported(run.out_dir, staging):
+            publish_once(final, write, is_complete=Path.is_dir, staging=staging, replace=True, waiters=False)
+    acc.wait_for_everyone()
+    return final
+
+
+def final_parts(spec, model, state_dict: dict | None) -> dict[str, tuple]:
+    """{subdirectory of final/: (model, its slice of a gathered state dict or None)}."""
+    prefixes = {id(module): name for name, module in model.named_modules()}
+    parts = {}
+    for subdir, part in spec.published_models(model).items():
+        prefix = prefixes[id(part)] + "." if prefixes[id(part)] else ""
+        sliced = None if state_dict is None else {k[len(prefix):]: v for k, v in state_dict.items()
+                                                   if k.startswith(prefix)}
+        parts[subdir] = (part, sliced)
+    return parts

@@ -1,0 +1,169 @@
+"""Setting up one training run: everything the loop needs, checked, built and prepared, as one typed object.
+
+The order matters and is the reason this is one function: whatever a typo could break is checked before
+the (possibly long) tokenisation; tokenisation happens before any process group exists (other local ranks
+wait on the file system, so a long first tokenisation can never hit a collective timeout); models are
+built whole before Accelerate/DeepSpeed prepare them; a checkpoint is loaded only after prepare.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minimind_scale.config import TrainConfig, save_config
+from minimind_scale.data.prepare.loader import batches_per_epoch
+from minimind_scale.data.prepare.prepare import DataReport, prepare_dataset
+from minimind_scale.errors import UserError
+from minimind_scale.losses.causal_lm.chunked import enable_loss_forward
+from minimind_scale.models.build.attention import resolve_attention
+from minimind_scale.models.build.build import build_model, check_model_source, count_parameters, load_tokenizer
+from minimind_scale.training.callbacks import Callback, registered_callbacks
+from minimind_scale.training.checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, read_state
+from minimind_scale.training.context import StageContext
+from minimind_scale.training.distributed import (
+    LaunchEnv,
+    check_launcher,
+    check_tracker,
+    load_deepspeed_config,
+    make_accelerator,
+    resolve_precision,
+    whole_model_construction,
+)
+from minimind_scale.training.metrics import MetricsLog
+from minimind_scale.training.optimization import build_optimizer, build_scheduler
+from minimind_scale.training.registry import StageSpec
+from minimind_scale.training.telemetry import Throughput
+
+
+@dataclass
+class Run:
+    """One training run, set up: what `engine.train` and the callbacks see."""
+
+    spec: StageSpec
+    cfg: TrainConfig
+    accelerator: Any
+    model: Any             # prepared (DDP / DeepSpeed engine, maybe compiled)
+    optimizer: Any
+    scheduler: Any
+    ctx: StageContext      # tokenizer, dataset and the stage's own state
+    state: TrainState      # the loop's position, restored on resume
+    metrics_log: MetricsLog
+    throughput: Throughput
+    total_steps: int
+    steps_per_epoch: int   # loader windows of accumulation_steps batches in one epoch
+    steps_per_rollout: int
+    callbacks: list[Callback]
+    say: Callable[[str], None]
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.accelerator.distributed_type.name == "DEEPSPEED"
+
+
+def check_before_loading(spec: StageSpec, cfg: TrainConfig, env: LaunchEnv) -> tuple[str, Path | None]:
+    """Every check that needs no data and no model: (attention kernel, checkpoint to resume from)."""
+    check_launcher(env)
+    spec.check_options(cfg)
+    if spec.check is not None:
+        spec.check(cfg)
+    check_model_source(cfg.model, cfg.hidden_size, cfg.num_hidden_layers)
+    check_tracker(cfg.report_to)
+    attention = resolve_attention(cfg.attn_implementation, resolve_precision(cfg.dtype))
+    if cfg.deepspeed:
+        load_deepspeed_config(cfg.deepspeed)
+        if cfg.nan_policy == "skip_step":
+            raise UserError("nan_policy skip_step cannot be used with --deepspeed: DeepSpeed applies the update "
+                            "inside backward, before the loss can be checked. Use nan_policy stop.")
+    checkpoint = find_resume_checkpoint(cfg.resume, Path(cfg.out_dir))
+    written_by = read_state(checkpoint).world_size if checkpoint is not None else env.world_size
+    if written_by != env.world_size:
+        raise UserError(f"{checkpoint} was written by {written_by} process(es) and this run "
+                        f"has {env.world_size}: the data order depends on the process count, so resume with the "
+                        "same count, or start a new out_dir with --model set to a final/ model directory.")
+    return attention, checkpoint
+
+
+def build_training_model(spec: StageSpec, cfg: TrainConfig, ctx: StageContext, attention: str):
+    """The model to train, whole (never under ZeRO-3's zero.Init), with the stage's set-up applied."""
+    with whole_model_construction(ctx.accelerator):
+        if spec.build_model is not None:
+            model = spec.build_model(cfg, ctx.tokenizer)
+        else:
+            model = build_model(cfg.model, ctx.tokenizer, cfg.hidden_size, cfg.num_hidden_layers)
+        model.set_attn_implementation(attention)
+        if spec.setup is not None:
+            model = spec.setup(model, cfg, ctx)
+    if cfg.cross_entropy != "full":  # before prepare: Accelerate's autocast wraps the forward it finds
+        enable_loss_forward(model, cfg.cross_entropy)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def write_run_files(cfg: TrainConfig, report: DataReport, accelerator) -> None:
+    """config.yaml (re-runnable with --config), data_report.json, and the tracker's hyper-parameters."""
+    out_dir = Path(cfg.out_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        # What the run trained on: records kept, skipped per reason, too long, tokens.
+        (out_dir / "data_report.json").write_text(json.dumps(report.__dict__, indent=1))
+    if cfg.report_to != "none":
+        # Trackers' hyper-parameter tables take scalars only; lists and None are written as text.
+        flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                for k, v in cfg.model_dump(mode="json").items()}
+        accelerator.init_trackers(out_dir.name, config=flat)
+
+
+def setup(spec: StageSpec, cfg: TrainConfig) -> Run:
+    env = LaunchEnv.from_environ()
+    say = print if env.is_main else (lambda *a, **k: None)
+    attention, checkpoint = check_before_loading(spec, cfg, env)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+    dataset, _, report = prepare_dataset(spec, cfg, tokenizer, is_local_main=env.is_local_main, log=say)
+
+    accelerator = make_accelerator(cfg, tracker_dir=cfg.out_dir)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    ctx = StageContext(tokenizer=tokenizer, accelerator=accelerator, out_dir=Path(cfg.out_dir), dataset=dataset,
+                       state=spec.state())
+    model = build_training_model(spec, cfg, ctx, attention)
+    n_params, n_trainable = count_parameters(model)
+    world = accelerator.num_processes
+    per_epoch = math.ceil(batches_per_epoch(len(dataset), world, cfg.batch_size) / cfg.accumulation_steps)
+    reuse = spec.steps_per_rollout(cfg) if spec.steps_per_rollout is not None else 1
+    total_steps = cfg.max_steps or per_epoch * cfg.epochs * reuse
+    optimizer = build_optimizer(model, cfg, spec.learning_rates(cfg) if spec.learning_rates is not None else None)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    if accelerator.state.deepspeed_plugin is not None:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.compile:
+        model = torch.compile(model)
+    accelerator.register_for_checkpointing(scheduler)
+    state = TrainState(world_size=world, stage=spec.name)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint, ctx.state)
+        say(f"resumed from {checkpoint} at step {state.step}")
+    write_run_files(cfg, report, accelerator)
+    throughput = Throughput(accelerator, model, n_params, n_trainable, cfg.peak_tflops, state.tokens)
+    say(f"[{spec.name}] model {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable) | "
+        f"data {report.summary()} | {total_steps} steps of {cfg.batch_size}x{cfg.accumulation_steps}x{world} rows | "
+        f"{throughput.precision}, {attention} attention | "
+        f"{accelerator.distributed_type.name.lower()} x{world} on {accelerator.device}")
+    return Run(spec=spec, cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+               ctx=ctx, state=state, metrics_log=MetricsLog(Path(cfg.out_dir), accelerator, state.step),
+               throughput=throughput, total_steps=total_steps, steps_per_epoch=per_epoch, steps_per_rollout=reuse,
+               callbacks=registered_callbacks(), say=say)
