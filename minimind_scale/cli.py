@@ -146,8 +146,8 @@ def run_prepare(argv: list[str], plugins: list[str]) -> None:
         raise UserError("usage: python -m minimind_scale prepare STAGE [--field value ...]")
     spec = registry.get_stage(argv[0])
     cfg = _config_for(spec.config, argv[1:], f"prepare {spec.name}")
-    from minimind_scale.data.prepare.prepare import prepare_dataset
-    from minimind_scale.models.build.build import load_tokenizer
+    from minimind_scale.data.prepare import prepare_dataset
+    from minimind_scale.models.build import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     dataset, path, report = prepare_dataset(spec, cfg, tokenizer, log=lambda m: print(m, file=sys.stderr))

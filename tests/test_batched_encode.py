@@ -345,7 +345,7 @@ def test_encode_batch_with_the_wrong_number_of_results_is_refused(tmp_path):
 def test_line_spans_found_with_numpy_equal_the_line_by_line_ones(tmp_path):
     import pyarrow as pa
 
-    from minimind_scale.data.prepare import prepare as data
+    from minimind_scale.data import prepare as data
 
     content = b'{"a": 1}\n\n   \n\r\n\t \x0b\x0c\nx\r\n\xe4\xb8\xad\n  y  \n\n' * 3 + b"last, without a newline"
     path = tmp_path / "d.jsonl"

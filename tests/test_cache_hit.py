@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from minimind_scale.data.prepare import cache as datacache
+from minimind_scale.data import cache as datacache
 from minimind_scale.data.prepare import prepare_dataset
 from minimind_scale.models.build import load_tokenizer
 from minimind_scale.training.registry import discover, get_stage

@@ -21,7 +21,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from minimind_scale.data.prepare.rows import IGNORE_INDEX
+from minimind_scale.data.rows import IGNORE_INDEX
 from minimind_scale.errors import RecordError
 
 ROLES = ("system", "user", "assistant", "tool")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from minimind_scale.data.prepare.rows import IGNORE_INDEX
+from minimind_scale.data.rows import IGNORE_INDEX
 
 # Sample boundaries of packed rows, for varlen attention kernels.
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")

@@ -24,9 +24,9 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from minimind_scale.data.prepare.cache import datasets_progress, save_to_cache
-from minimind_scale.data.prepare.publish import fresh_dir, publish_once
-from minimind_scale.data.prepare.rows import IGNORE_INDEX, row_lengths
+from minimind_scale.data.cache import datasets_progress, save_to_cache
+from minimind_scale.data.publish import fresh_dir, publish_once
+from minimind_scale.data.rows import IGNORE_INDEX, row_lengths
 from minimind_scale.errors import UserError
 
 PACKED_COLUMNS = ("input_ids", "labels", "position_ids")

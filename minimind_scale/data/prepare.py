@@ -22,11 +22,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from minimind_scale.data.prepare.cache import cache_key, cache_root, datasets_progress, save_to_cache
-from minimind_scale.data.prepare.packing import prepare_packed
-from minimind_scale.data.prepare.publish import fresh_dir, publish_once
-from minimind_scale.data.prepare.record_draws import RecordPosition
-from minimind_scale.data.prepare.rows import IGNORE_INDEX, NO_LOSS
+from minimind_scale.data.cache import cache_key, cache_root, datasets_progress, save_to_cache
+from minimind_scale.data.packing import prepare_packed
+from minimind_scale.data.publish import fresh_dir, publish_once
+from minimind_scale.data.record_draws import RecordPosition
+from minimind_scale.data.rows import IGNORE_INDEX, NO_LOSS
 from minimind_scale.errors import RecordError, UserError
 
 MAX_REPORTED_ERRORS = 10

@@ -18,8 +18,8 @@ from transformers import TextStreamer
 from minimind_scale.chat.conversation import encode_prompt
 from minimind_scale.config import StrictConfig
 from minimind_scale.errors import UserError
-from minimind_scale.models.build.build import is_model_dir, load_tokenizer
-from minimind_scale.models.build.yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions, load_config
+from minimind_scale.models.build import is_model_dir, load_tokenizer
+from minimind_scale.models.yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions, load_config
 
 THINK_OPEN = "<think>\n"
 EMPTY_THINK = "<think>\n\n</think>\n\n"

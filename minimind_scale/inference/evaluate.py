@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from minimind_scale.config import StrictConfig
 from minimind_scale.errors import UserError
-from minimind_scale.models.build.yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions, load_config
+from minimind_scale.models.yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions, load_config
 from minimind_scale.rl.reward_model import check_reward_model
 
 # The SFT stages' data augmentations at the values that leave records as they are.
@@ -88,8 +88,8 @@ def _batches(dataset, batch_size: int):
 def evaluate_rows(model, dataset, pad_id: int, batch_size: int, show_progress: bool = True) -> tuple[float, int, int]:
     """(summed cross-entropy, loss-bearing tokens, records) of `dataset`'s rows, in order; a packed
     row counts each record it holds."""
-    from minimind_scale.data.prepare.batching import pad_collate, to_device
-    from minimind_scale.losses.causal_lm.causal_lm import count_label_tokens, forward_logits, token_cross_entropy_sum
+    from minimind_scale.data.batching import pad_collate, to_device
+    from minimind_scale.losses.causal_lm import count_label_tokens, forward_logits, token_cross_entropy_sum
 
     device = next(model.parameters()).device
     dataset = dataset.select_columns([c for c in ("input_ids", "labels", "position_ids") if c in dataset.column_names])
@@ -112,7 +112,7 @@ def evaluate_pairs(model, dataset, spec, stage_cfg, tokenizer, batch_size: int,
                    show_progress: bool = True) -> tuple[float, float, int]:
     """(pairs ranked right, summed r_chosen − r_rejected, pairs) of `dataset`'s pairs, through the stage's
     own collate and loss, whose `accuracy` and `margin` metrics are sums over pairs: eval counts as training logs."""
-    from minimind_scale.data.prepare.batching import to_device
+    from minimind_scale.data.batching import to_device
 
     device = next(model.parameters()).device
     correct, margin, pairs = 0.0, 0.0, 0
@@ -163,8 +163,8 @@ def summary(totals: list[float], reward: bool) -> dict:
 
 
 def run(cfg: EvalConfig) -> None:
-    from minimind_scale.data.prepare.prepare import check_data_files, prepare_dataset
-    from minimind_scale.models.build.build import is_model_dir, load_tokenizer
+    from minimind_scale.data.prepare import check_data_files, prepare_dataset
+    from minimind_scale.models.build import is_model_dir, load_tokenizer
     from minimind_scale.training import registry
 
     world = int(os.environ.get("WORLD_SIZE", 1))

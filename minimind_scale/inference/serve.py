@@ -15,7 +15,7 @@ from pydantic import Field
 
 from minimind_scale.config import StrictConfig
 from minimind_scale.errors import UserError
-from minimind_scale.models.build.yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions
+from minimind_scale.models.yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions
 
 
 class ServeConfig(StrictConfig):

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from minimind_scale.data.prepare.batching import forward_kwargs, unwrap_config
-from minimind_scale.data.prepare.rows import IGNORE_INDEX
+from minimind_scale.data.batching import forward_kwargs, unwrap_config
+from minimind_scale.data.rows import IGNORE_INDEX
 
 
 @dataclass

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from minimind_scale.data.prepare.rows import IGNORE_INDEX
+from minimind_scale.data.rows import IGNORE_INDEX
 from minimind_scale.errors import UserError
-from minimind_scale.losses.causal_lm.causal_lm import shifted_labels
+from minimind_scale.losses.causal_lm import shifted_labels
 
 # Positions per chunk: its fp32 logits take 26 MB at MiniMind's 6400-token vocabulary (620 MB at Qwen's
 # 151k), while a 1024-row matmul still runs at full speed.

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minimind_scale.data.prepare.rows import IGNORE_INDEX
-from minimind_scale.losses.causal_lm.causal_lm import shifted_labels
+from minimind_scale.data.rows import IGNORE_INDEX
+from minimind_scale.losses.causal_lm import shifted_labels
 
 
 def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from minimind_scale.losses.causal_lm.causal_lm import token_logprobs
+from minimind_scale.losses.causal_lm import token_logprobs
 
 LossType = Literal["sigmoid", "ipo", "hinge"]
 

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from minimind_scale.config import StrictConfig, load_yaml
 from minimind_scale.errors import UserError
-from minimind_scale.models.build.yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions, apply_yarn
+from minimind_scale.models.yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions, apply_yarn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_MARKERS = ("lora_A", "lora_B")
@@ -68,7 +68,7 @@ def model_config(run_dir: Path, run: dict, tokenizer):
     """The architecture the run trained: its final/config.json, else rebuilt the way the engine built it."""
     from transformers import AutoConfig
 
-    from minimind_scale.models.build.build import PRESETS, is_model_dir, preset_config
+    from minimind_scale.models.build import PRESETS, is_model_dir, preset_config
 
     if (run_dir / "final" / "config.json").is_file():
         return AutoConfig.from_pretrained(run_dir / "final")
@@ -104,7 +104,7 @@ def lora_model(run_dir: Path, run: dict, weights: dict, ckpt: Path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from minimind_scale.models.build.build import is_model_dir
+    from minimind_scale.models.build import is_model_dir
 
     base = str(run.get("model", ""))
     if not is_model_dir(base):
@@ -143,7 +143,7 @@ def training_stage(ckpt: Path):
 def run(cfg: ExportConfig) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from minimind_scale.models.build.build import load_tokenizer, save_hf
+    from minimind_scale.models.build import load_tokenizer, save_hf
 
     ckpt = Path(cfg.checkpoint)
     run_dir, run_cfg = read_run_config(ckpt)

@@ -190,7 +190,7 @@ def build_hf_config(c: dict, tokenizer, tied: bool, dtype: torch.dtype):
 
 
 def choose_tokenizer(path: str | None, vocab: int):
-    from minimind_scale.models.build.build import DEFAULT_TOKENIZER, load_tokenizer
+    from minimind_scale.models.build import DEFAULT_TOKENIZER, load_tokenizer
 
     tok = load_tokenizer(path)
     if path is None and len(tok) != vocab:
@@ -205,7 +205,7 @@ def choose_tokenizer(path: str | None, vocab: int):
 def run(cfg: ImportMinimindConfig) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from minimind_scale.models.build.build import save_hf
+    from minimind_scale.models.build import save_hf
 
     sd = load_state_dict(cfg.weights)
     c = infer_config(sd, cfg.weights)

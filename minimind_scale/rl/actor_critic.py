@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from minimind_scale.errors import UserError
-from minimind_scale.models.build.build import is_model_dir
+from minimind_scale.models.build import is_model_dir
 
 
 @dataclass

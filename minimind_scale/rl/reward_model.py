@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from minimind_scale.errors import UserError
-from minimind_scale.models.build.build import is_model_dir, load_tokenizer
+from minimind_scale.models.build import is_model_dir, load_tokenizer
 
 
 def check_reward_model(path: str, needed_by: str) -> None:

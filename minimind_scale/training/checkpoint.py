@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from minimind_scale.data.prepare.publish import STAGING_PREFIX, fresh_dir, publish_once
+from minimind_scale.data.publish import STAGING_PREFIX, fresh_dir, publish_once
 from minimind_scale.errors import CheckpointWriteFailed, UserError
 
 STATE_FILE = "trainer_state.json"

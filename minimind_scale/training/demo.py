@@ -47,7 +47,7 @@ def _run(args: list[str]) -> None:
 
 
 def run(cfg: DemoConfig) -> None:
-    from minimind_scale.data.prepare.demo_data import DEMO_ANSWERS, DEMO_PROMPTS
+    from minimind_scale.data.demo_data import DEMO_ANSWERS, DEMO_PROMPTS
 
     out = Path(cfg.out_dir)
     pretrain_data, sft_data = DEMO_DATA / "pretrain.jsonl", DEMO_DATA / "sft.jsonl"
@@ -74,7 +74,7 @@ def show_answers(model_dir: Path, prompts: list[str], expected: list[str]) -> in
     from transformers import AutoModelForCausalLM
 
     from minimind_scale.inference.chat import answer
-    from minimind_scale.models.build.build import load_tokenizer
+    from minimind_scale.models.build import load_tokenizer
 
     tokenizer = load_tokenizer(None, str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

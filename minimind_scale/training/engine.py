@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from minimind_scale.data.prepare.batching import to_device
-from minimind_scale.data.prepare.loader import make_loader
-from minimind_scale.data.prepare.publish import STAGING_PREFIX, publish_once
-from minimind_scale.data.prepare.rows import row_lengths
+from minimind_scale.data.batching import to_device
+from minimind_scale.data.loader import make_loader
+from minimind_scale.data.publish import STAGING_PREFIX, publish_once
+from minimind_scale.data.rows import row_lengths
 from minimind_scale.errors import NonFiniteLoss
-from minimind_scale.losses.causal_lm.causal_lm import count_label_tokens
-from minimind_scale.models.build.build import save_hf
+from minimind_scale.losses.causal_lm import count_label_tokens
+from minimind_scale.models.build import save_hf
 from minimind_scale.training.checkpoint import save_checkpoint, write_failures_reported
 from minimind_scale.training.context import Rollout
 from minimind_scale.training.distributed import reduce_sum

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 from minimind_scale.config import TrainConfig, save_config
-from minimind_scale.data.prepare.loader import batches_per_epoch
-from minimind_scale.data.prepare.prepare import DataReport, prepare_dataset
+from minimind_scale.data.loader import batches_per_epoch
+from minimind_scale.data.prepare import DataReport, prepare_dataset
 from minimind_scale.errors import UserError
-from minimind_scale.losses.causal_lm.chunked import enable_loss_forward
-from minimind_scale.models.build.attention import resolve_attention
-from minimind_scale.models.build.build import build_model, check_model_source, count_parameters, load_tokenizer
+from minimind_scale.losses.chunked import enable_loss_forward
+from minimind_scale.models.attention import resolve_attention
+from minimind_scale.models.build import build_model, check_model_source, count_parameters, load_tokenizer
 from minimind_scale.training.callbacks import Callback, registered_callbacks
 from minimind_scale.training.checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, read_state
 from minimind_scale.training.context import StageContext

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from minimind_scale.data.prepare.batching import unwrap_config
+from minimind_scale.data.batching import unwrap_config
 from minimind_scale.training.flops import device_peak_flops, train_flops_per_token
 
 
