@@ -153,7 +153,7 @@ def main() -> None:
     ap.add_argument("--max_gen_len", type=int, default=128, help="most new tokens per completion (128 suits a CPU)")
     ap.add_argument("--beta", type=float, default=0.1, help="KL weight; 0 loads no reference model (no reference "
                     "time)")
-    ap.add_argument("--loss_type", default="cispo", choices=["cispo", "grpo", "dapo", "dr_grpo"])
+    ap.add_argument("--loss_type", default="cispo", help="any registered loss type (the grpo command checks it)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="fp32 on a CPU; bf16 on a GPU")
     ap.add_argument("--hidden_size", type=int, help="override minimind2-small's width")
     ap.add_argument("--num_hidden_layers", type=int, help="override minimind2-small's depth")

@@ -385,7 +385,7 @@ def raw_tokenizer(stage: str, corpus: str, tokenizer: str) -> dict:
     if stage == "pretrain":
         texts = [r["text"] for r in records]
     else:
-        from minimind_scale.chat.conversation import normalize_messages
+        from minimind_scale.chat.messages import normalize_messages
 
         texts = []
         for r in records:

@@ -3,16 +3,22 @@
     python -m minimind_scale --plugin examples/completion_stage.py completion --help
     python -m minimind_scale --plugin examples/completion_stage.py completion --data_path pairs.jsonl --model tiny
 
-Records: {"prompt": "...", "completion": "..."}. The README shows this file; tests/test_plugin.py runs it.
+Records: {"prompt": "...", "completion": "..."}. The README shows this file and docs/plugins.md explains
+each part; tests/test_plugin.py runs it.
 """
 from pydantic import Field
 
-from minimind_scale import StageSpec, TrainConfig, register_stage
-from minimind_scale.config import LearningRate
-from minimind_scale.data.batching import pad_collate
-from minimind_scale.data.rows import IGNORE_INDEX
-from minimind_scale.errors import RecordError
-from minimind_scale.losses.causal_lm import causal_lm_loss, count_label_tokens
+from minimind_scale import (
+    IGNORE_INDEX,
+    LearningRate,
+    RecordError,
+    StageSpec,
+    TrainConfig,
+    causal_lm_loss,
+    count_label_tokens,
+    pad_collate,
+    register_stage,
+)
 
 
 class CompletionConfig(TrainConfig):

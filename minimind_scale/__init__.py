@@ -31,26 +31,41 @@ _PUBLIC = {
     "IGNORE_INDEX": "minimind_scale.data.rows",
     "pad_collate": "minimind_scale.data.batching",
     "forward_kwargs": "minimind_scale.data.batching",
+    "padded_length": "minimind_scale.data.batching",
     "LossOutput": "minimind_scale.losses.causal_lm",
     "causal_lm_loss": "minimind_scale.losses.causal_lm",
     "count_label_tokens": "minimind_scale.losses.causal_lm",
     "token_logprobs": "minimind_scale.losses.causal_lm",
+    # the batch contract of a rollout
+    "CountedBatch": "minimind_scale.training.batch",
+    # online RL: GRPO-family loss types, generation backends
+    "register_policy_loss": "minimind_scale.losses.policy",
+    "TokenLoss": "minimind_scale.losses.policy",
+    "register_backend": "minimind_scale.generation.registry",
+    "GenerationBackend": "minimind_scale.generation.interface",
+    "SamplingParams": "minimind_scale.generation.interface",
+    "Completions": "minimind_scale.generation.interface",
     # conversations
-    "normalize_messages": "minimind_scale.chat.conversation",
-    "encode_chat": "minimind_scale.chat.conversation",
+    "normalize_messages": "minimind_scale.chat.messages",
+    "encode_chat": "minimind_scale.chat.encoding",
 }
 
 __all__ = [
     "__version__",
     "Callback",
+    "Completions",
+    "CountedBatch",
+    "GenerationBackend",
     "IGNORE_INDEX",
     "LearningRate",
     "LossOutput",
     "RecordError",
     "Rollout",
+    "SamplingParams",
     "StageContext",
     "StageSpec",
     "StageState",
+    "TokenLoss",
     "TrainConfig",
     "UserError",
     "causal_lm_loss",
@@ -59,7 +74,10 @@ __all__ = [
     "forward_kwargs",
     "normalize_messages",
     "pad_collate",
+    "padded_length",
+    "register_backend",
     "register_callback",
+    "register_policy_loss",
     "register_stage",
     "token_logprobs",
 ]
@@ -81,12 +99,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for editors and type checkers; at run time the names load lazily above
-    from minimind_scale.chat.conversation import encode_chat, normalize_messages
+    from minimind_scale.chat.encoding import encode_chat
+    from minimind_scale.chat.messages import normalize_messages
     from minimind_scale.config import LearningRate, TrainConfig
-    from minimind_scale.data.batching import forward_kwargs, pad_collate
+    from minimind_scale.data.batching import forward_kwargs, pad_collate, padded_length
     from minimind_scale.data.rows import IGNORE_INDEX
     from minimind_scale.errors import RecordError, UserError
+    from minimind_scale.generation.interface import Completions, GenerationBackend, SamplingParams
+    from minimind_scale.generation.registry import register_backend
     from minimind_scale.losses.causal_lm import LossOutput, causal_lm_loss, count_label_tokens, token_logprobs
+    from minimind_scale.losses.policy import TokenLoss, register_policy_loss
+    from minimind_scale.training.batch import CountedBatch
     from minimind_scale.training.callbacks import Callback, register_callback
     from minimind_scale.training.context import Rollout, StageContext, StageState
     from minimind_scale.training.registry import StageSpec, register_stage

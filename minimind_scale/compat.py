@@ -1,7 +1,8 @@
 """Old module paths keep importing: plugins written against the flat layout (`minimind_scale.batching`, ...) still load.
 
-Each old path is an alias of the module that now holds that code; the three old modules whose names are now
-packages (`data`, `losses`, `models`) are served by those packages' re-exports.
+Each old path is an alias of the module that now holds that code. An old module whose code was split by job is
+served by a read-only view over the modules that hold its parts (`SPLIT`). The three old modules whose names are
+now packages (`data`, `losses`, `models`) are served by those packages' re-exports.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 
 MOVED = {
     "actor_critic": "rl.actor_critic",
@@ -19,7 +21,6 @@ MOVED = {
     "checkpoint": "training.checkpoint",
     "chunked_loss": "losses.chunked",
     "context": "training.context",
-    "conversation": "chat.conversation",
     "datacache": "data.cache",
     "demo": "training.demo",
     "demo_data": "data.demo_data",
@@ -30,7 +31,6 @@ MOVED = {
     "evaluate": "inference.evaluate",
     "export": "models.export",
     "flops": "training.flops",
-    "generate": "inference.chat",
     "import_minimind": "models.import_minimind",
     "loader": "data.loader",
     "metrics": "training.metrics",
@@ -47,7 +47,6 @@ MOVED = {
     "record_draws": "data.record_draws",
     "registry": "training.registry",
     "reply_parser": "chat.reply_parser",
-    "reward_funcs": "rl.rewards",
     "reward_model": "rl.reward_model",
     "reward_model_loss": "losses.reward_model",
     "rows": "data.rows",
@@ -61,10 +60,31 @@ MOVED = {
     "telemetry": "training.telemetry",
     "tokenizer_train": "models.tokenizer_train",
     "tool_worker": "agent.tool_worker",
-    "tools": "agent.tools",
     "trajectory": "agent.trajectory",
     "yarn": "models.yarn",
 }
+
+# old module -> the modules its public names now live in, searched in order
+SPLIT = {
+    "conversation": ("chat.messages", "chat.template", "chat.encoding", "chat.markup"),
+    "reward_funcs": ("rl.reward_funcs", "rl.reward_builtins", "rl.reward_scoring"),
+    "tools": ("agent.tools", "chat.tool_calls"),
+    "generate": ("inference.chat", "inference.loading"),
+}
+
+
+class _SplitModule(types.ModuleType):
+    """An old module's names, looked up in the modules that now hold them."""
+
+    def __init__(self, name: str, parts: tuple[str, ...]):
+        super().__init__(name, f"moved: see {', '.join(parts)}")
+        self._parts = [importlib.import_module(f"minimind_scale.{part}") for part in parts]
+
+    def __getattr__(self, attr: str):
+        for part in self._parts:
+            if hasattr(part, attr):
+                return getattr(part, attr)
+        raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r}")
 
 
 class _AliasLoader(importlib.abc.Loader):
@@ -72,7 +92,9 @@ class _AliasLoader(importlib.abc.Loader):
         self.target = target
 
     def create_module(self, spec):
-        return importlib.import_module(self.target)
+        if isinstance(self.target, tuple):
+            return _SplitModule(spec.name, self.target)
+        return importlib.import_module(f"minimind_scale.{self.target}")
 
     def exec_module(self, module) -> None:
         pass  # the target module ran when it was imported
@@ -81,9 +103,10 @@ class _AliasLoader(importlib.abc.Loader):
 class _MovedModules(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         package, _, name = fullname.rpartition(".")
-        if package != "minimind_scale" or name not in MOVED:
+        target = MOVED.get(name) or SPLIT.get(name)
+        if package != "minimind_scale" or target is None:
             return None
-        return importlib.util.spec_from_loader(fullname, _AliasLoader(f"minimind_scale.{MOVED[name]}"))
+        return importlib.util.spec_from_loader(fullname, _AliasLoader(target))
 
 
 def install_moved_modules() -> None:

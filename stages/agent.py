@@ -1,13 +1,17 @@
 """agent: tool-use RL — GRPO on multi-turn trajectories that really call the user's tools.
 
 Each prompt (MiniMind's agent_rl format: a system turn declaring its tools, user turns, `gt`) is played
-out num_generations times by minimind_scale/trajectory.py: generate; run the turn's `<tool_call>`
-blocks through the tools file's functions; append the results as tool turns through the chat
-template; generate again, up to max_turns. Observation tokens are masked out of the loss and of the
-importance ratio; every assistant turn's end-of-turn token is trained. The reward is the built-in
-`minimind_agent` trajectory reward plus any --reward_funcs (which also receive `tool_calls`,
-`tool_results`, `unfinished`, `turns` and the record's `tools` and `gt` as columns), then GRPO's group
-advantages and loss (every --loss_type).
+out num_generations times by agent/trajectory.py: generate; run the turn's `<tool_call>` blocks through
+the tools file's functions; append the results as tool turns through the chat template; generate again,
+up to max_turns. Observation tokens are masked out of the loss and of the importance ratio; every
+assistant turn's end-of-turn token is trained. The reward is the built-in `minimind_agent` trajectory
+reward plus any --reward_funcs (which also receive `tool_calls`, `tool_results`, `unfinished`, `turns` and
+the record's `tools` and `gt` as columns), then GRPO's group advantages and loss (every --loss_type).
+
+This file holds what is the agent's own: its options, the data mapping, the tool box, and how a group is
+produced and scored (playing trajectories). The GRPO family's options (rl/config.py), state and setup
+(rl/state.py), the sample -> score -> collect path (rl/rollout.py), the group rollout and the loss
+(rl/grpo.py) are the online-RL library's, shared with the grpo stage.
 """
 from __future__ import annotations
 
@@ -22,14 +26,19 @@ from minimind_scale import StageSpec, register_stage
 from minimind_scale.agent.records import agent_prompt
 from minimind_scale.agent.tools import ToolBox, load_tools
 from minimind_scale.agent.trajectory import run_trajectories
-from minimind_scale.chat.conversation import TURN_END, encode_prompt
+from minimind_scale.chat.encoding import encode_prompt
+from minimind_scale.chat.markup import TURN_END
 from minimind_scale.config import OutDir
 from minimind_scale.rl import prompts as prompt_rows
-from minimind_scale.rl.scoring import RewardScorer, check_rewards, frozen_reference, generated_ids, group_columns
-from minimind_scale.stages.grpo import GRPOConfig, GRPOState, group_rollout, loss, steps_per_rollout
+from minimind_scale.rl.config import GRPOFamilyConfig
+from minimind_scale.rl.grpo import group_rollout, loss, steps_per_rollout
+from minimind_scale.rl.rollout import ScoredBatch
+from minimind_scale.rl.scoring import check_rewards, generated_ids, group_columns
+from minimind_scale.rl.state import OnlineRLState, setup_online
+from minimind_scale.training.context import Rollout
 
 
-class AgentConfig(GRPOConfig):
+class AgentConfig(GRPOFamilyConfig):
     """GRPO's options (loss types, group size, KL) on tool-using trajectories; max_gen_len bounds each turn."""
 
     builtin_reward_funcs: ClassVar[tuple[str, ...]] = ("minimind_agent",)
@@ -42,7 +51,9 @@ class AgentConfig(GRPOConfig):
 
 
 @dataclass
-class AgentState(GRPOState):
+class AgentState(OnlineRLState):
+    """The online-RL state, plus the worker process that runs the tools file's functions."""
+
     toolbox: ToolBox | None = None
 
 
@@ -80,19 +91,18 @@ def check(cfg) -> None:
 
 
 def setup(model, cfg, ctx):
-    ctx.state.scorer = RewardScorer(cfg, ctx.accelerator.device)
+    setup_online(ctx, cfg, policy=model, kl_weight=cfg.beta)
     ctx.state.toolbox = load_tools(cfg.tools, cfg.tool_timeout_sec, cfg.max_tool_result_chars)
-    if cfg.beta > 0:
-        ctx.state.ref_model = frozen_reference(model, cfg.ref_model, ctx.accelerator.device)
     return model
 
 
-def rollout(model, batches: list[dict], cfg, ctx):
+def rollout(model, batches: list[dict], cfg, ctx) -> Rollout:
     return group_rollout(model, batches, cfg, ctx, play_and_score)
 
 
-def play_and_score(model, batch: dict, cfg, ctx) -> tuple:
-    """num_generations trajectories per prompt, scored: (samples, reward per trajectory, info)."""
+def play_and_score(model, batch: dict, cfg, ctx) -> ScoredBatch:
+    """num_generations trajectories per prompt of one loader batch, scored: the reward functions read the
+    trajectory's messages, the reward model its final answer."""
     g = cfg.num_generations
     tools = [c.get("tools") for c in batch["columns"]]
     played = run_trajectories(model, ctx.tokenizer, batch["prompts"], tools, ctx.state.toolbox, num_samples=g,
@@ -100,7 +110,7 @@ def play_and_score(model, batch: dict, cfg, ctx) -> tuple:
                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                               open_thinking=[prompt_rows.thinking_open(m, cfg) for m in batch["prompts"]],
                               end_id=ctx.tokenizer.convert_tokens_to_ids(TURN_END),
-                              pad_id=ctx.tokenizer.pad_token_id)
+                              pad_id=ctx.tokenizer.pad_token_id, backend=ctx.state.generator)
     started = time.perf_counter()
     samples = played.samples
     prompts, columns = group_columns(batch, g)
@@ -108,8 +118,8 @@ def play_and_score(model, batch: dict, cfg, ctx) -> tuple:
     rewards, per_function = ctx.state.scorer(prompts, played.messages, generated_ids(samples), played.final_answer,
                                              columns)
     texts = [json.dumps(m, ensure_ascii=False) for m in played.messages]
-    return samples, rewards, {"per_function": per_function, "prompts": prompts, "texts": texts,
-                              "metrics": trajectory_metrics(played), "reward_sec": time.perf_counter() - started}
+    return ScoredBatch(samples, rewards, per_function, prompts, texts, reward_sec=time.perf_counter() - started,
+                       metrics=trajectory_metrics(played))
 
 
 def trajectory_metrics(played) -> dict[str, tuple[float, float]]:
@@ -130,7 +140,6 @@ SPEC = register_stage(StageSpec(
     encode_batch=encode_batch,
     collate=prompt_rows.collate,
     loss=loss,
-    loss_units=lambda batch: batch["_units"],
     check=check,
     setup=setup,
     rollout=rollout,

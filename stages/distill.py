@@ -14,22 +14,15 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from minimind_scale import LossOutput, StageSpec, StageState, TrainConfig, register_stage
+from minimind_scale.chat.markup import THINK_CLOSE, THINK_OPEN
 from minimind_scale.config import BatchSize, LearningRate, ModelSource, OutDir, Packing
+from minimind_scale.data import sft_rows
 from minimind_scale.data.rows import IGNORE_INDEX
+from minimind_scale.data.sft_rows import AddSystemRatio, EmptyThinkRatio
 from minimind_scale.errors import UserError
 from minimind_scale.losses.causal_lm import count_label_tokens, forward_logits
 from minimind_scale.losses.distillation import distillation_loss
 from minimind_scale.models.build import is_model_dir
-from minimind_scale.stages.full_sft import (
-    AUGMENTATION_FIELDS,
-    AddSystemRatio,
-    EmptyThinkRatio,
-    collate,
-    encode,
-    encode_batch,
-)
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 class DistillConfig(TrainConfig):
@@ -47,8 +40,8 @@ class DistillConfig(TrainConfig):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label CE; 1 - alpha goes to the KL term")
     temperature: float = Field(1.5, gt=0,
                                description="softmax temperature T of both models in the KL term (scaled by T²)")
-    delimiter_weight: float = Field(1.0, gt=0, description="CE weight of <think>, </think> and the first answer token "
-                                    "(reasoning distillation; 1 = off)")
+    delimiter_weight: float = Field(1.0, gt=0, description=f"CE weight of {THINK_OPEN}, {THINK_CLOSE} and the first "
+                                    "answer token (reasoning distillation; 1 = off)")
     learning_rate: LearningRate = 1e-5
     batch_size: BatchSize = 16
     out_dir: OutDir = "out/distill"
@@ -148,13 +141,16 @@ SPEC = register_stage(StageSpec(
     name="distill",
     help="knowledge distillation from a teacher model on conversations (also reasoning distillation)",
     config=DistillConfig,
-    encode=encode,
-    encode_batch=encode_batch,
-    collate=collate,
+    encode=sft_rows.encode,
+    encode_batch=sft_rows.encode_batch,
+    collate=sft_rows.collate,
     loss=loss,
     loss_units=count_label_tokens,
     setup=setup,
     state=DistillState,
-    fixed_length=True,    record_positions=True,
-    data_fields=AUGMENTATION_FIELDS,
+    fixed_length=True,
+    record_positions=True,
+    data_fields=sft_rows.AUGMENTATION_FIELDS,
+    record_keys=sft_rows.RECORD_KEYS,
+    eval_overrides=sft_rows.AUGMENTATIONS_OFF,
 ))

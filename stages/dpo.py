@@ -1,7 +1,8 @@
 """dpo: direct preference optimisation on {"chosen": [messages], "rejected": [messages]} pairs.
 
 The unit of the loss is the pair: `loss` returns the sum of per-pair losses and every metric as a sum
-over pairs, so the engine's per-step normalisation reports means over all pairs of the step.
+over pairs, so the engine's per-step normalisation reports means over all pairs of the step. Rows and
+batches of pairs come from data/pair_rows.py (shared with the reward stage).
 """
 from __future__ import annotations
 
@@ -18,17 +19,15 @@ import torch
 from pydantic import Field
 
 from minimind_scale import LossOutput, StageSpec, StageState, TrainConfig, register_stage
-from minimind_scale.chat.conversation import encode_chats, normalize_messages
 from minimind_scale.config import BatchSize, LearningRate, MaxSeqLen, ModelSource, OutDir
-from minimind_scale.data.batching import pad_collate, padded_length
+from minimind_scale.data import pair_rows
 from minimind_scale.data.cache import file_fingerprint, fingerprint_dir
-from minimind_scale.data.rows import IGNORE_INDEX, NO_LOSS
-from minimind_scale.errors import RecordError, UserError
+from minimind_scale.data.loader import ROW_INDEX
+from minimind_scale.data.pair_rows import split_pairs
+from minimind_scale.errors import UserError
 from minimind_scale.losses.causal_lm import forward_logits
 from minimind_scale.losses.preference import dpo_loss, sequence_logprobs
 from minimind_scale.models.build import is_model_dir
-
-SIDES = ("chosen", "rejected")
 
 
 class DPOConfig(TrainConfig):
@@ -61,69 +60,6 @@ class DPOState(StageState):
 
     ref_model: torch.nn.Module | None = None
     ref_logps: torch.Tensor | None = None
-
-
-def encode(record: dict, tokenizer, cfg) -> dict:
-    result = encode_batch([record], tokenizer, cfg)[0]
-    if isinstance(result, RecordError):
-        raise result
-    return result
-
-
-def encode_batch(records: list[dict], tokenizer, cfg) -> list[dict | RecordError]:
-    """`encode` of each record, with every valid side of every pair tokenised in one call. The checks run in
-    `encode`'s order (chosen's shape, chosen's loss tokens, rejected's, then sameness), so a record gets the
-    error `encode` would raise first."""
-    sides: list[dict] = []  # per record: side -> (messages, tools) or the RecordError normalising it gave
-    conversations = []
-    for record in records:
-        per_side = {}
-        for side in SIDES:
-            try:
-                per_side[side] = normalize_messages(record, key=side)
-                conversations.append(per_side[side])
-            except RecordError as e:
-                per_side[side] = e
-        sides.append(per_side)
-    encoded = iter(encode_chats(conversations, tokenizer, cfg.max_seq_len))
-    out: list = []
-    for per_side in sides:
-        encodings = {side: next(encoded) for side in SIDES if not isinstance(per_side[side], RecordError)}
-        out.append(_pair_result(per_side, encodings, cfg))
-    return out
-
-
-def _pair_result(per_side: dict, encodings: dict, cfg) -> dict | RecordError:
-    out = {}
-    for side in SIDES:
-        if isinstance(per_side[side], RecordError):
-            return per_side[side]
-        enc = encodings[side]
-        if all(x == IGNORE_INDEX for x in enc["labels"]):
-            return RecordError(side, f"{NO_LOSS} within max_seq_len {cfg.max_seq_len}")
-        out[f"{side}_input_ids"] = enc["input_ids"]
-        out[f"{side}_labels"] = enc["labels"]
-    if per_side["chosen"] == per_side["rejected"]:
-        return RecordError("rejected", "is identical to chosen (a preference pair must differ)")
-    return out
-
-
-def collate(rows, tokenizer, cfg):
-    """Chosen rows first, then rejected, padded together: a pair can never be split across micro-batches."""
-    sides = [{"input_ids": r[f"{s}_input_ids"], "labels": r[f"{s}_labels"]} for s in SIDES for r in rows]
-    batch = pad_collate(sides, tokenizer.pad_token_id, padded_length(cfg))
-    if "_index" in rows[0]:  # absent when precompute_ref scores rows itself
-        batch["_index"] = torch.tensor([r["_index"] for r in rows], dtype=torch.long)
-    return batch
-
-
-def count_pairs(batch: dict) -> int:
-    return batch["input_ids"].shape[0] // 2
-
-
-def split_pairs(logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n = logps.shape[0] // 2
-    return logps[:n], logps[n:]
 
 
 @torch.no_grad()
@@ -184,7 +120,7 @@ def precompute_reference(ref, cfg, ctx) -> torch.Tensor:
         print(f"[dpo] precomputing reference log-probs for {n} pairs")
     for start in range(0, len(indices), cfg.batch_size):
         chunk = indices[start:start + cfg.batch_size]
-        batch = collate([dataset[i] for i in chunk], ctx.tokenizer, cfg)
+        batch = pair_rows.collate([dataset[i] for i in chunk], ctx.tokenizer, cfg)
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         chosen, rejected = split_pairs(reference_logps(ref, batch, acc))
         mine[start:start + len(chunk)] = torch.stack([chosen, rejected], dim=1).float()
@@ -221,7 +157,7 @@ def loss(model, batch: dict, cfg, ctx) -> LossOutput:
     logps = sequence_logprobs(forward_logits(model, batch).logits, batch["labels"])
     policy_chosen, policy_rejected = split_pairs(logps)
     if ctx.state.ref_logps is not None:
-        ref = ctx.state.ref_logps[batch["_index"].cpu()].to(logps.device)
+        ref = ctx.state.ref_logps[batch[ROW_INDEX].cpu()].to(logps.device)
         ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
     else:
         ref_chosen, ref_rejected = split_pairs(reference_logps(ctx.state.ref_model, batch, ctx.accelerator))
@@ -242,14 +178,17 @@ SPEC = register_stage(StageSpec(
     name="dpo",
     help="direct preference optimisation on chosen/rejected conversation pairs (DPO, IPO, hinge)",
     config=DPOConfig,
-    encode=encode,
-    encode_batch=encode_batch,
-    collate=collate,
+    encode=pair_rows.encode,
+    encode_batch=pair_rows.encode_batch,
+    collate=pair_rows.collate,
     loss=loss,
-    loss_units=count_pairs,
+    loss_units=pair_rows.count_pairs,
     setup=setup,
     state=DPOState,
     packable=False,
     fixed_length=True,
     row_index=True,
+    record_keys=pair_rows.RECORD_KEYS,
+    eval_metrics=("reward_accuracy", "reward_margin"),
+    units_name="pairs",
 ))

@@ -11,17 +11,11 @@ from pydantic import Field, field_validator
 
 from minimind_scale import StageSpec, TrainConfig, register_stage
 from minimind_scale.config import BatchSize, Epochs, LearningRate, ModelSource, OutDir, Packing
+from minimind_scale.data import sft_rows
+from minimind_scale.data.sft_rows import AddSystemRatio, EmptyThinkRatio
 from minimind_scale.errors import UserError
 from minimind_scale.losses.causal_lm import causal_lm_loss, count_label_tokens
 from minimind_scale.models.build import PRESETS, save_hf
-from minimind_scale.stages.full_sft import (
-    AUGMENTATION_FIELDS,
-    AddSystemRatio,
-    EmptyThinkRatio,
-    collate,
-    encode,
-    encode_batch,
-)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -90,14 +84,17 @@ SPEC = register_stage(StageSpec(
     name="lora",
     help="train a LoRA adapter (peft) on an SFT model with conversations; base weights frozen",
     config=LoraConfig,
-    encode=encode,
-    encode_batch=encode_batch,
-    collate=collate,
+    encode=sft_rows.encode,
+    encode_batch=sft_rows.encode_batch,
+    collate=sft_rows.collate,
     loss=causal_lm_loss,
     loss_units=count_label_tokens,
     setup=setup,
     finalize=finalize,
     fixed_length=True,
-    cross_entropy_variants=True,    record_positions=True,
-    data_fields=AUGMENTATION_FIELDS,
+    cross_entropy_variants=True,
+    record_positions=True,
+    data_fields=sft_rows.AUGMENTATION_FIELDS,
+    record_keys=sft_rows.RECORD_KEYS,
+    eval_overrides=sft_rows.AUGMENTATIONS_OFF,
 ))

@@ -2,32 +2,37 @@
 advantages with GAE against the critic's values, then train policy and critic together for ppo_epochs
 passes over shuffled mini-batches of the rollout (early-stopped at target_kl).
 
-The policy and the critic live in one module (minimind_scale/actor_critic.py), so the engine prepares,
-shards, checkpoints and restores both with one optimizer (the critic's parameter group has its own
-learning rate); final/ holds the policy and final/critic/ the critic. The formulas are plain functions
-in minimind_scale/ppo_losses.py.
+The policy and the critic live in one module (rl/actor_critic.py), so the engine prepares, shards,
+checkpoints and restores both with one optimizer (the critic's parameter group has its own learning
+rate); final/ holds the policy and final/critic/ the critic. The formulas are plain functions in
+losses/ppo.py.
+
+This file holds what is PPO's own: its options, the actor-critic model, the experience (log-probs,
+values, GAE) built from the scored completions, the shuffled mini-batches and the loss. Sampling and
+scoring (rl/rollout.py), the reward scorer and frozen reference (rl/state.py) and the options every
+online stage shares (rl/config.py) are the online-RL library's; the data mapping is rl/prompts.py's.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 from pydantic import Field, model_validator
 
-from minimind_scale import LossOutput, StageSpec, StageState, register_stage
-from minimind_scale.chat.conversation import TURN_END
+from minimind_scale import LossOutput, StageSpec, register_stage
 from minimind_scale.config import BatchSize, LearningRate, OutDir
-from minimind_scale.data.rows import IGNORE_INDEX
 from minimind_scale.losses.policy import k3_kl
 from minimind_scale.losses.ppo import gae, policy_terms, token_rewards, value_terms, whiten
 from minimind_scale.models.build import PRESETS, build_model, preset_config
 from minimind_scale.rl import prompts as prompt_rows
 from minimind_scale.rl.actor_critic import ActorCritic, build_critic
 from minimind_scale.rl.config import OnlineRLConfig
-from minimind_scale.rl.sampling import Samples, concat_samples, logprobs_from_logits, position_ids_from_mask, sample
-from minimind_scale.rl.scoring import RewardScorer, check_rewards, frozen_reference, log_completions, score_samples
+from minimind_scale.rl.rollout import ScoredBatch, collect, counted_batch, sample_and_score
+from minimind_scale.rl.sampling import Samples, concat_samples, logprobs_from_logits, position_ids_from_mask
+from minimind_scale.rl.scoring import check_rewards
+from minimind_scale.rl.state import OnlineRLState, setup_online
+from minimind_scale.training.batch import CountedBatch
 from minimind_scale.training.context import Rollout
 from minimind_scale.training.distributed import reduce_sum
 
@@ -35,7 +40,7 @@ from minimind_scale.training.distributed import reduce_sum
 class PPOConfig(OnlineRLConfig):
     """MiniMind's train_ppo.py defaults: actor lr 3e-7, critic lr 5e-7, clip 0.2, value clip 0.2, vf_coef 0.5,
     kl_coef 0.02 (k3 in the loss), γ 1.0, λ 0.95, 2 PPO epochs over mini-batches of 2, early stop at
-    approximate KL 0.25. Sampling and reward options: online_config.py."""
+    approximate KL 0.25. Sampling and reward options: OnlineRLConfig."""
 
     learning_rate: LearningRate = 3e-7
     critic_learning_rate: float = Field(5e-7, gt=0, description="the critic's peak learning rate")
@@ -71,19 +76,6 @@ class PPOConfig(OnlineRLConfig):
         return self.mini_batch_size or self.batch_size
 
 
-@dataclass
-class PPOState(StageState):
-    """Frozen helpers built in setup, and the rollout count (checkpointed: it seeds the mini-batch shuffle
-    and schedules completion logs)."""
-
-    scorer: RewardScorer | None = None
-    ref_model: torch.nn.Module | None = None
-    rollouts: int = 0
-
-    def state_dict(self):
-        return {"rollouts": self.rollouts}
-
-
 # --------------------------------------------------------------------------- models
 
 
@@ -102,9 +94,7 @@ def build_policy_and_critic(cfg, tokenizer) -> ActorCritic:
 
 
 def setup(model, cfg, ctx):
-    ctx.state.scorer = RewardScorer(cfg, ctx.accelerator.device)
-    if cfg.kl_coef > 0:
-        ctx.state.ref_model = frozen_reference(model.actor, cfg.ref_model, ctx.accelerator.device)
+    setup_online(ctx, cfg, policy=model.actor, kl_weight=cfg.kl_coef)
     return model
 
 
@@ -114,32 +104,19 @@ def setup(model, cfg, ctx):
 def rollout(model, batches: list[dict], cfg, ctx) -> Rollout:
     """Sample and score one completion per prompt, record the frozen log-probs and values, compute
     whitened GAE advantages over all processes, and plan the shuffled mini-batches of every PPO epoch."""
-    end_id, pad_id = ctx.tokenizer.convert_tokens_to_ids(TURN_END), ctx.tokenizer.pad_token_id
+    collected = collect(model.actor, batches, cfg, ctx, sample_one, steps_per_rollout(cfg))
+    samples = concat_samples([b.samples for b in collected.batches], ctx.tokenizer.pad_token_id)
+    rewards = collected.rewards
     started = time.perf_counter()
-    parts, scores, prompts, texts = [], [], [], []
-    for batch in batches:
-        samples = sample(model.actor, batch["input_ids"], batch["attention_mask"], num_samples=1,
-                         max_new_tokens=cfg.max_gen_len, temperature=cfg.temperature, top_p=cfg.top_p,
-                         top_k=cfg.top_k, end_id=end_id, pad_id=pad_id)
-        total, info = score_samples(ctx.state.scorer, ctx.tokenizer, batch, samples, 1, end_id)
-        parts.append(samples)
-        scores.append(total)
-        prompts += info["prompts"]
-        texts += info["texts"]
-    samples, rewards = concat_samples(parts, pad_id), torch.cat(scores)
-    generated = time.perf_counter()
     rows = experience(model, samples, rewards.to(samples.sequences.device), cfg, ctx)
-    ctx.state.rollouts += 1
-    log_completions(ctx.out_dir / "completions.jsonl", cfg, ctx.state.rollouts * steps_per_rollout(cfg),
-                    steps_per_rollout(cfg), prompts, texts, rewards, ctx.accelerator.is_main_process)
+    collected.seconds["experience"] = time.perf_counter() - started
     mask = samples.completion_mask.float()
-    metrics = {"reward": (float(rewards.sum()), float(rewards.numel())),
-               "value_mean": (float((rows["old_values"] * mask).sum()), float(mask.sum())),
-               "completion_length": (float(mask.sum()), float(rewards.numel())),
-               "completion_clipped_ratio": (float(samples.clipped.float().sum()), float(rewards.numel())),
-               "time/generation_sec": (generated - started, 1.0),
-               "time/experience_sec": (time.perf_counter() - generated, 1.0)}
+    metrics = {**collected.metrics(), "value_mean": (float((rows["old_values"] * mask).sum()), float(mask.sum()))}
     return Rollout(steps=mini_batches(samples, rows, cfg, ctx), metrics=metrics)
+
+
+def sample_one(policy, batch: dict, cfg, ctx) -> ScoredBatch:
+    return sample_and_score(policy, batch, cfg, ctx, num_samples=1)
 
 
 def experience(model, samples: Samples, rewards: torch.Tensor, cfg, ctx) -> dict[str, torch.Tensor]:
@@ -169,7 +146,7 @@ def experience(model, samples: Samples, rewards: torch.Tensor, cfg, ctx) -> dict
     return rows
 
 
-def mini_batches(samples: Samples, rows: dict[str, torch.Tensor], cfg, ctx) -> list[list[dict]]:
+def mini_batches(samples: Samples, rows: dict[str, torch.Tensor], cfg, ctx) -> list[list[CountedBatch]]:
     """For each PPO epoch, the rollout's rows in a fresh order (seeded by seed, rollout and process, so a
     resumed run shuffles alike), cut into updates of rows_per_update rows, each cut into micro-batches of
     batch_size rows trimmed to their longest completion."""
@@ -186,20 +163,16 @@ def mini_batches(samples: Samples, rows: dict[str, torch.Tensor], cfg, ctx) -> l
     return plan
 
 
-def micro_batch(samples: Samples, rows: dict[str, torch.Tensor], index: torch.Tensor, epoch: int) -> dict:
+def micro_batch(samples: Samples, rows: dict[str, torch.Tensor], index: torch.Tensor, epoch: int) -> CountedBatch:
+    """The rows at `index`, trimmed to their longest completion; its loss units are completion tokens."""
     index = index.to(samples.sequences.device)
     completion_mask = samples.completion_mask[index]
     width = int(completion_mask.sum(dim=1).max())
     end = samples.prompt_len + width
-    ids = samples.sequences[index, :end]
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[:, samples.prompt_len:] = torch.where(completion_mask[:, :width].bool(), ids[:, samples.prompt_len:],
-                                                 IGNORE_INDEX)
-    batch = {"input_ids": ids, "attention_mask": samples.attention_mask[index, :end], "labels": labels,
-             "completion_mask": completion_mask[:, :width], "prompt_len": samples.prompt_len, "ppo_epoch": epoch,
-             "_tokens": samples.attention_mask[index, :end].sum(), "_units": completion_mask.sum()}
-    batch.update({name: value[index, :width] for name, value in rows.items()})
-    return batch
+    tensors = {"input_ids": samples.sequences[index, :end], "attention_mask": samples.attention_mask[index, :end],
+               "completion_mask": completion_mask[:, :width], "prompt_len": samples.prompt_len, "ppo_epoch": epoch}
+    tensors.update({name: value[index, :width] for name, value in rows.items()})
+    return counted_batch(tensors, completion_mask.sum())
 
 
 # --------------------------------------------------------------------------- loss
@@ -243,7 +216,6 @@ SPEC = register_stage(StageSpec(
     encode_batch=prompt_rows.encode_batch,
     collate=prompt_rows.collate,
     loss=loss,
-    loss_units=lambda batch: batch["_units"],
     check=check_rewards,
     build_model=build_policy_and_critic,
     setup=setup,
@@ -252,7 +224,7 @@ SPEC = register_stage(StageSpec(
     stop_reusing=stop_reusing,
     learning_rates=lambda cfg: {"critic.": cfg.critic_learning_rate},
     final_models=lambda model: {"": model.actor, "critic": model.critic},
-    state=PPOState,
+    state=OnlineRLState,
     packable=False,
     value_columns=prompt_rows.VALUE_COLUMNS,
     data_fields=prompt_rows.DATA_FIELDS,

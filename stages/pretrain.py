@@ -68,4 +68,5 @@ SPEC = register_stage(StageSpec(
     loss_units=count_label_tokens,
     fixed_length=True,
     cross_entropy_variants=True,
+    record_keys=("text",),
 ))

@@ -16,11 +16,11 @@ from pydantic import Field, field_validator
 
 from minimind_scale import LossOutput, StageSpec, TrainConfig, register_stage
 from minimind_scale.config import BatchSize, LearningRate, MaxSeqLen, ModelSource, OutDir
+from minimind_scale.data import pair_rows
 from minimind_scale.data.batching import forward_kwargs
 from minimind_scale.errors import RecordError, UserError
-from minimind_scale.losses.reward_model import bradley_terry_loss
+from minimind_scale.losses.reward_model import bradley_terry_loss, pair_metrics
 from minimind_scale.models.build import PRESETS
-from minimind_scale.stages import dpo
 
 
 class RewardConfig(TrainConfig):
@@ -66,15 +66,15 @@ def record_margin(record: dict) -> float:
 
 
 def encode(record: dict, tokenizer, cfg) -> dict:
-    out = dpo.encode(record, tokenizer, cfg)
+    out = pair_rows.encode(record, tokenizer, cfg)
     out["margin"] = record_margin(record)
     return out
 
 
 def encode_batch(records: list[dict], tokenizer, cfg) -> list[dict | RecordError]:
-    """`encode` of each record: dpo.encode_batch, then each encoded pair's margin."""
+    """`encode` of each record: pair_rows.encode_batch, then each encoded pair's margin."""
     out = []
-    for record, pair in zip(records, dpo.encode_batch(records, tokenizer, cfg)):
+    for record, pair in zip(records, pair_rows.encode_batch(records, tokenizer, cfg)):
         if not isinstance(pair, RecordError):
             try:
                 pair["margin"] = record_margin(record)
@@ -85,8 +85,8 @@ def encode_batch(records: list[dict], tokenizer, cfg) -> list[dict | RecordError
 
 
 def collate(rows, tokenizer, cfg):
-    """dpo.collate's chosen-then-rejected rows, plus the pairs' margins [pairs]."""
-    batch = dpo.collate(rows, tokenizer, cfg)
+    """pair_rows.collate's chosen-then-rejected rows, plus the pairs' margins [pairs]."""
+    batch = pair_rows.collate(rows, tokenizer, cfg)
     batch["margin"] = torch.tensor([r["margin"] for r in rows], dtype=torch.float32)
     return batch
 
@@ -115,19 +115,13 @@ def build_model(cfg, tokenizer):
 def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected), [pairs] each in fp32, from one forward over chosen and rejected rows."""
     scores = model(**forward_kwargs(batch, model)).logits.squeeze(-1).float()
-    return dpo.split_pairs(scores)
+    return pair_rows.split_pairs(scores)
 
 
 def loss(model, batch: dict, cfg, ctx) -> LossOutput:
     r_chosen, r_rejected = pair_scores(model, batch)
     losses = bradley_terry_loss(r_chosen, r_rejected, batch["margin"], cfg.center_rewards_coefficient)
-    rc, rr = r_chosen.detach(), r_rejected.detach()
-    metrics = {
-        "accuracy": (rc > rr).float().sum(),
-        "margin": (rc - rr).sum(),
-        "reward_chosen": rc.sum(),
-        "reward_rejected": rr.sum(),
-    }
+    metrics = {name: per_pair.sum() for name, per_pair in pair_metrics(r_chosen, r_rejected).items()}
     return LossOutput(losses.sum(), metrics)
 
 
@@ -139,9 +133,13 @@ SPEC = register_stage(StageSpec(
     encode_batch=encode_batch,
     collate=collate,
     loss=loss,
-    loss_units=dpo.count_pairs,
+    loss_units=pair_rows.count_pairs,
     build_model=build_model,
     packable=False,
     fixed_length=True,
     value_columns={"margin": "float32"},
+    record_keys=pair_rows.RECORD_KEYS,
+    eval_metrics=("accuracy", "margin"),
+    units_name="pairs",
+    model_kind="reward_model",
 ))

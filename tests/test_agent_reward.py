@@ -6,13 +6,9 @@ import json
 import pytest
 
 from conftest import AGENT_DATA
-from minimind_scale.rl.rewards import (
-    BUILTIN_REWARDS,
-    load_reward_funcs,
-    minimind_agent,
-    repetition_penalty,
-    score_completions,
-)
+from minimind_scale.rl.reward_builtins import BUILTIN_REWARDS, minimind_agent, repetition_penalty
+from minimind_scale.rl.reward_funcs import load_reward_funcs
+from minimind_scale.rl.reward_scoring import score_completions
 
 SCHEMAS = json.loads((AGENT_DATA / "schemas.json").read_text())
 CALC = [s for s in SCHEMAS if s["function"]["name"] == "calculate_math"]

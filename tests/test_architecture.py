@@ -130,8 +130,10 @@ def test_examples_import_only_the_public_api():
 
     public = set(minimind_scale.__all__)
     examples = sorted((REPO / "examples").glob("*.py"))
-    readme_blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
-    sources = [(str(p), p.read_text()) for p in examples] + [("README.md", b) for b in readme_blocks]
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    blocks = [(page.name, block) for page in pages
+              for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)]
+    sources = [(str(p), p.read_text()) for p in examples] + blocks
     checked = 0
     for where, source in sources:
         for node in ast.walk(ast.parse(source)):
@@ -150,12 +152,21 @@ def test_public_names_and_old_module_paths_import():
     import importlib
 
     import minimind_scale
-    from minimind_scale.compat import MOVED
+    from minimind_scale.compat import MOVED, SPLIT
 
     for name in minimind_scale.__all__:
         assert getattr(minimind_scale, name) is not None, name
     for old, new in MOVED.items():
         assert importlib.import_module(f"minimind_scale.{old}") is importlib.import_module(f"minimind_scale.{new}")
+    for old, parts in SPLIT.items():  # every public name of the part modules is reachable from the old path
+        alias = importlib.import_module(f"minimind_scale.{old}")
+        for part in parts:
+            for name in [n for n in vars(importlib.import_module(f"minimind_scale.{part}")) if not n.startswith("_")]:
+                assert hasattr(alias, name), f"minimind_scale.{old}.{name}"
+    from minimind_scale.conversation import encode_chat, normalize_messages, render_chat  # a split module
+    from minimind_scale.tools import load_tools, parse_tool_calls
+
+    assert encode_chat and normalize_messages and render_chat and load_tools and parse_tool_calls
     from minimind_scale.losses import causal_lm_loss, count_label_tokens  # the flat layout's module names
     from minimind_scale.models import build_model
 

@@ -1,4 +1,4 @@
-"""Batched encoding (StageSpec.encode_batch, conversation.encode_chats / encode_prompts) and the Python port
+"""Batched encoding (StageSpec.encode_batch, chat.encoding's encode_chats / encode_prompts) and the Python port
 of MiniMind's chat template: each equal to its one-record, jinja-rendered counterpart.
 
 On the shared data the batched path is compared with the per-record path of every stage, and the
@@ -17,15 +17,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minimind_scale.chat import conversation
-from minimind_scale.chat.conversation import (
+from minimind_scale.chat import template
+from minimind_scale.chat.encoding import (
+    assistant_char_spans,
     encode_chat,
     encode_chats,
     encode_prompt,
     encode_prompts,
-    normalize_messages,
-    render_chat,
 )
+from minimind_scale.chat.messages import normalize_messages
+from minimind_scale.chat.template import render_chat
 from minimind_scale.data.prepare import prepare_dataset
 from minimind_scale.data.record_draws import RecordPosition
 from minimind_scale.data.rows import IGNORE_INDEX
@@ -102,7 +103,7 @@ def jinja(messages, tools, tokenizer, **kwargs) -> str:
 def original_encode_chat(messages, tools, tokenizer, max_seq_len):
     """encode_chat as it was before the port and batching: jinja, then one call's offset mapping."""
     text = jinja(messages, tools, tokenizer)
-    spans = conversation.assistant_char_spans(text)
+    spans = assistant_char_spans(text)
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
@@ -119,7 +120,7 @@ def original_encode_chat(messages, tools, tokenizer, max_seq_len):
 
 def test_the_port_serves_both_minimind_templates(tok):
     # Otherwise every test below would compare jinja with jinja.
-    assert conversation._find_port(tok.chat_template) is conversation._render_minimind
+    assert template._find_port(tok.chat_template) is template._render_minimind
 
 
 def test_port_equals_apply_chat_template_on_every_data_set(tok):
@@ -161,10 +162,10 @@ def test_port_equals_apply_chat_template_on_generated_conversations(name, messag
 
 def test_inputs_the_port_does_not_handle_go_to_jinja(tok, monkeypatch):
     calls = []
-    monkeypatch.setattr(conversation, "_render_minimind", lambda *a, **k: calls.append(a) or "port")
-    monkeypatch.setattr(conversation, "_PORTS", {})
-    monkeypatch.setattr(conversation, "PORTED_TEMPLATES",
-                        dict.fromkeys(conversation.PORTED_TEMPLATES, conversation._render_minimind))
+    monkeypatch.setattr(template, "_render_minimind", lambda *a, **k: calls.append(a) or "port")
+    monkeypatch.setattr(template, "_PORTS", {})
+    monkeypatch.setattr(template, "PORTED_TEMPLATES",
+                        dict.fromkeys(template.PORTED_TEMPLATES, template._render_minimind))
     plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     assert render_chat(plain, None, tok) == "port"
     odd = [

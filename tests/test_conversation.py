@@ -1,4 +1,4 @@
-"""Tests for minimind_scale.chat.conversation.
+"""Tests for chat records and labels: minimind_scale.chat.messages (validation) and chat.encoding (labels).
 
 Labels from `encode_chat` (found on characters, mapped through offsets) are checked against an
 independent reference that works on token ids only, and against hand-written expected text.
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import reference_labels
-from minimind_scale.chat.conversation import encode_chat, encode_prompt, normalize_messages
+from minimind_scale.chat.encoding import encode_chat, encode_prompt
+from minimind_scale.chat.messages import normalize_messages
 from minimind_scale.errors import RecordError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -17,7 +17,8 @@ import torch
 
 from minimind_scale.errors import UserError
 from minimind_scale.inference import chat as generate
-from minimind_scale.inference.chat import ChatConfig, ChatStreamer, answer, load_chat_model, run, strip_empty_think
+from minimind_scale.inference.chat import ChatConfig, ChatStreamer, answer, run, strip_empty_think
+from minimind_scale.inference.loading import load_chat_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SFT = REPO / "minimind_scale" / "assets" / "demo" / "sft.jsonl"

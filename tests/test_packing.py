@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import DEMO, read_metrics, run_cli
-from minimind_scale.data.batching import VARLEN_KEYS, pad_collate
+from minimind_scale.data.batching import REAL_TOKENS, VARLEN_KEYS, pad_collate, token_counts
 from minimind_scale.data.packing import best_fit_decreasing, pack_dataset
 from minimind_scale.data.prepare import prepare_dataset
 from minimind_scale.errors import UserError
@@ -87,16 +87,19 @@ def test_packed_columns_restart_positions_and_mask_each_later_first_label():
 def test_collate_carries_position_ids_boundaries_and_no_mask_for_packed_rows():
     batch = pad_collate([{"input_ids": [5, 6, 7], "labels": [5, -100, 7], "position_ids": [0, 0, 1]},
                          {"input_ids": [8], "labels": [8], "position_ids": [0]}], pad_id=0)
-    assert set(batch) == {"input_ids", "labels", "position_ids", "_tokens", *VARLEN_KEYS}  # no attention_mask
-    assert batch["_tokens"] == 4
+    assert set(batch) == {"input_ids", "labels", "position_ids", REAL_TOKENS, *VARLEN_KEYS}  # no attention_mask
+    assert batch[REAL_TOKENS] == 4
+    # What the engine counts: one loss-bearing token (7; a first label predicts nothing) and 4 real tokens.
+    assert [int(n) for n in token_counts(batch)] == [1, 4]
     assert batch["position_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
     assert batch["labels"].tolist() == [[5, -100, 7], [8, -100, -100]]
     # Flattened: samples [5] [6 7] | [8], then the second row's padding tail as one segment.
     assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 1, 3, 4, 6]
     assert batch["cu_seq_lens_q"].dtype == torch.int32
     assert batch["max_length_q"] == batch["max_length_k"] == 2
-    assert set(pad_collate([{"input_ids": [5], "labels": [5]}], pad_id=0)) == {
-        "input_ids", "labels", "attention_mask", "_tokens"}
+    padded = pad_collate([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [7], "labels": [7]}], pad_id=0)
+    assert set(padded) == {"input_ids", "labels", "attention_mask"}  # counted by its mask
+    assert [int(n) for n in token_counts(padded)] == [1, 3]
 
 
 def varlen_reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,

@@ -2,20 +2,16 @@
 from __future__ import annotations
 
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from minimind_scale.errors import UserError
-from minimind_scale.rl.rewards import (
-    BUILTIN_REWARDS,
-    accuracy,
-    load_reward_funcs,
-    minimind_format,
-    repetition_penalty,
-    reward_means,
-    score_completions,
-)
+from minimind_scale.rl.reward_builtins import BUILTIN_REWARDS, accuracy, minimind_format, repetition_penalty
+from minimind_scale.rl.reward_funcs import load_reward_funcs
+from minimind_scale.rl.reward_scoring import score_completions
+from minimind_scale.rl.rollout import Collected, ScoredBatch
 
 
 def msg(text):
@@ -249,10 +245,13 @@ def test_weighted_total_skips_none_and_means_exclude_it(tmp_path):
     assert per == {"by_len": [1.0, 2.0, 3.0, 4.0], "sometimes": [1.0, None, -1.0, None]}
     assert isinstance(total, torch.Tensor) and total.dtype == torch.float32
     assert total.tolist() == pytest.approx([1 + 0.5, 2.0, 3 - 0.5, 4.0])
-    means = reward_means(per)
-    assert means["rewards/by_len"] == pytest.approx(2.5)
-    assert means["rewards/sometimes"] == pytest.approx(0.0)  # mean of 1 and -1, not of 1, 0, -1, 0
-    assert reward_means({"never": [None, None]}) == {"rewards/never": None}
+    # Each function's logged mean (the rollout's (sum, count), divided once summed over processes).
+    rows = len(COMPLETIONS)
+    samples = SimpleNamespace(completion_mask=torch.ones(rows, 1), clipped=torch.zeros(rows, dtype=torch.bool))
+    metrics = Collected([ScoredBatch(samples, total, per | {"never": [None] * rows}, PROMPTS, [])], {}).metrics()
+    assert metrics["rewards/by_len"] == (10.0, 4.0)  # mean 2.5
+    assert metrics["rewards/sometimes"] == (0.0, 2.0)  # mean of 1 and -1, not of 1, 0, -1, 0
+    assert metrics["rewards/never"] == (0.0, 0.0)  # applied to no sample
 
 
 def test_builtin_scoring_and_weights_count(tmp_path):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from minimind_scale.losses.reward_model import bradley_terry_loss, reward_accuracy, reward_margin, reward_metrics
+from minimind_scale.losses.reward_model import bradley_terry_loss, pair_metrics
 
 RC = [2.0, 0.0, -1.0]
 RR = [1.0, 0.0, 1.0]
@@ -68,10 +68,9 @@ def test_classification_head_shape_is_accepted():
 def test_metrics():
     rc, rr = torch.tensor(RC), torch.tensor(RR)
     # 2 > 1 yes, 0 > 0 no (a tie), -1 > 1 no
-    assert reward_accuracy(rc, rr).item() == pytest.approx(1 / 3)
-    assert reward_margin(rc, rr).item() == pytest.approx((1 + 0 - 2) / 3)
-    m = reward_metrics(rc, rr)
+    m = {name: per_pair.mean().item() for name, per_pair in pair_metrics(rc, rr).items()}
     assert m["accuracy"] == pytest.approx(1 / 3)
-    assert m["margin"] == pytest.approx(-1 / 3)
-    assert m["rewards/chosen"] == pytest.approx(1 / 3)
-    assert m["rewards/rejected"] == pytest.approx(2 / 3)
+    assert m["margin"] == pytest.approx((1 + 0 - 2) / 3)
+    assert m["reward_chosen"] == pytest.approx(1 / 3)
+    assert m["reward_rejected"] == pytest.approx(2 / 3)
+    assert pair_metrics(rc.unsqueeze(1), rr.unsqueeze(1))["accuracy"].tolist() == [1.0, 0.0, 0.0]  # [pairs, 1] too

@@ -14,9 +14,10 @@ import pytest
 
 from conftest import SHARED, reference_labels
 from minimind_scale.chat.conversation import encode_chat, normalize_messages, render_chat
+from minimind_scale.chat.markup import EMPTY_THINK
 from minimind_scale.data.prepare import prepare_dataset
+from minimind_scale.data.sft_rows import SYSTEM_PROMPTS
 from minimind_scale.models.build import load_tokenizer
-from minimind_scale.stages.full_sft import EMPTY_THINK, SYSTEM_PROMPTS
 from minimind_scale.training.registry import discover, get_stage
 
 SFT_FILES = sorted((SHARED / "data").glob("sft_*.jsonl"))

@@ -12,10 +12,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from transformers import AutoTokenizer
 
+from minimind_scale.chat.template import CHAT_TEMPLATE
 from minimind_scale.errors import UserError
 from minimind_scale.models.tokenizer_train import (
     ADDED_TOKENS,
-    CHAT_TEMPLATE,
     RESERVED_TOKENS,
     SPECIAL_TOKENS,
     TrainTokenizerConfig,

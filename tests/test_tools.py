@@ -12,13 +12,8 @@ import time
 import pytest
 
 from conftest import AGENT_DATA, AGENT_TOOLS, REPO
-from minimind_scale.agent.tools import (
-    declared_tool_names,
-    load_tools,
-    parse_tool_calls,
-    required_arguments,
-    tool_schemas,
-)
+from minimind_scale.agent.tools import load_tools
+from minimind_scale.chat.tool_calls import declared_tool_names, parse_tool_calls, required_arguments, tool_schemas
 from minimind_scale.errors import UserError
 
 TOOLS = '''

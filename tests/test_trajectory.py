@@ -10,7 +10,8 @@ from conftest import SHARED, needs_shared
 from minimind_scale.agent.records import read_agent_tasks
 from minimind_scale.agent.tools import load_tools
 from minimind_scale.agent.trajectory import observation_ids, run_trajectories
-from minimind_scale.chat.conversation import TURN_END, encode_prompt
+from minimind_scale.chat.encoding import encode_prompt
+from minimind_scale.chat.markup import TURN_END
 from minimind_scale.models.build import load_tokenizer
 
 GENERATION_HEAD = "<|im_start|>assistant\n<think>\n\n</think>\n\n"

@@ -84,7 +84,7 @@ def test_eval_runs_with_yarn_on_rows_longer_than_the_original_length(tool_memori
 
 
 def test_chat_and_serve_load_the_model_with_yarn_and_a_factor_below_1_is_refused(tool_memorised_model, capsys):
-    from minimind_scale.inference.chat import load_chat_model
+    from minimind_scale.inference.loading import load_chat_model
 
     model_dir = str(tool_memorised_model[0])
     model, _ = load_chat_model(model_dir, yarn_factor=FACTOR, yarn_original_max_position_embeddings=ORIGINAL)

@@ -12,7 +12,7 @@ import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
-from minimind_scale.chat.conversation import normalize_messages
+from minimind_scale.chat.messages import normalize_messages
 from minimind_scale.errors import RecordError, UserError
 
 

@@ -1,4 +1,4 @@
-"""Tools a model may call: parsing `<tool_call>` blocks, and running a user's Python functions safely.
+"""Running the tools a model calls: a user's Python functions, in a worker process, safely.
 
 A tools file is plain Python: each public top-level function it defines is a tool, called by name with
 the JSON arguments the model wrote (`examples/agent_tools.py` shows the format). `load_tools(path)`
@@ -6,14 +6,14 @@ returns a `ToolBox`, which runs the functions in a child process (`tool_worker.p
 is killed at its timeout and the worker restarted, so a tool can neither stall a run nor crash it.
 Every way a call can go wrong becomes an error observation, `{"error": "..."}`, that the model reads
 as the tool's answer. The tool schemas the model sees come from the data (the system turn's `tools`),
-not from the file; a sample may call only the tools its own schemas declare.
+not from the file; a sample may call only the tools its own schemas declare. Reading the calls out of a reply
+is `chat.tool_calls`' job.
 """
 from __future__ import annotations
 
 import atexit
 import json
 import os
-import re
 import selectors
 import signal
 import subprocess
@@ -25,95 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minimind_scale.chat.tool_calls import ParsedCall, parse_arguments
+
+# Transitional re-exports: the parsing moved to chat.tool_calls; agent/trajectory.py still imports these two here.
+from minimind_scale.chat.tool_calls import declared_tool_names as declared_tool_names
+from minimind_scale.chat.tool_calls import parse_tool_calls as parse_tool_calls
 from minimind_scale.errors import UserError
 
 WORKER = Path(__file__).with_name("tool_worker.py")
-TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 STARTUP_TIMEOUT_SEC = 60.0  # importing a tools file may import heavy libraries of its own
 MAX_REASON_CHARS = 400  # an error observation stays short, whatever the exception's message
 
-
-# ------------------------------------------------------------------------------------------- parsing
-
-@dataclass(frozen=True)
-class ParsedCall:
-    """One `<tool_call>` block. `error` says why it is not a usable call (then name/arguments are what
-    could be read); a well-formed call has a string name and a dict of arguments."""
-
-    name: str | None
-    arguments: Any
-    error: str | None = None
-
-    def as_dict(self) -> dict:
-        out = {"name": self.name, "arguments": self.arguments}
-        if self.error is not None:
-            out["error"] = self.error
-        return out
-
-
-def _parse_one(block: str) -> ParsedCall:
-    try:
-        call = json.loads(block)
-    except json.JSONDecodeError as e:
-        return ParsedCall(None, None, f"the tool call is not valid JSON ({e.msg} at char {e.pos})")
-    if not isinstance(call, dict):
-        return ParsedCall(None, None, f"the tool call must be a JSON object, got {type(call).__name__}")
-    target = call["function"] if isinstance(call.get("function"), dict) else call  # OpenAI's wrapper
-    name, arguments = target.get("name"), target.get("arguments", {})
-    if not isinstance(name, str) or not name:
-        return ParsedCall(None, arguments, "the tool call has no \"name\"")
-    return ParsedCall(name, *_parse_arguments(arguments))
-
-
-def _parse_arguments(arguments: Any) -> tuple[Any, str | None]:
-    """(arguments, error): an object, or a JSON string of one (OpenAI style)."""
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError as e:
-            return arguments, f"the arguments are not valid JSON ({e.msg} at char {e.pos})"
-    if arguments is None:
-        arguments = {}
-    if not isinstance(arguments, dict):
-        return arguments, f"the arguments must be a JSON object, got {type(arguments).__name__}"
-    return arguments, None
-
-
-def parse_tool_calls(text: str) -> list[ParsedCall]:
-    """Every `<tool_call>{json}</tool_call>` block of `text`, in order; a malformed one is kept, with its
-    error, so it is answered with an error observation and counted as a failure."""
-    return [_parse_one(block.strip()) for block in TOOL_CALL.findall(text)]
-
-
-def tool_schemas(tools: Any) -> dict[str, dict]:
-    """name -> function schema (`{"name", "parameters", ...}`) of a list of OpenAI tool schemas, the JSON
-    text of one, or None. Entries without a name are ignored."""
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools) if tools.strip() else None
-        except json.JSONDecodeError:
-            return {}
-    out: dict[str, dict] = {}
-    for tool in tools if isinstance(tools, list) else []:
-        fn = tool.get("function", tool) if isinstance(tool, dict) else None
-        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-            out[fn["name"]] = fn
-    return out
-
-
-def declared_tool_names(tools: Any) -> set[str]:
-    """The names a sample's tool schemas declare (empty without schemas): the tools it may call."""
-    return set(tool_schemas(tools))
-
-
-def required_arguments(schema: dict) -> list[str]:
-    """The `required` parameters of one function schema."""
-    params = schema.get("parameters")
-    required = params.get("required") if isinstance(params, dict) else None
-    return [r for r in required if isinstance(r, str)] if isinstance(required, list) else []
-
-
-# ------------------------------------------------------------------------------------------ executor
 
 @dataclass
 class ToolResult:
@@ -230,14 +152,14 @@ class ToolBox:
         if allowed is not None and name not in allowed:
             declared = ", ".join(sorted(allowed)) or "none"
             return _failed(name, arguments, f"tool {name!r} is not declared for this task (declared: {declared})")
-        arguments, problem = _parse_arguments(arguments)
+        arguments, problem = parse_arguments(arguments)
         if problem is not None:
             return _failed(name, arguments, problem)
         with self._lock:
             return self._execute(name, arguments)
 
     def run(self, call: ParsedCall, allowed: set[str] | None = None) -> ToolResult:
-        """`call` for a parsed `<tool_call>` block; a malformed block gets its parse error as observation."""
+        """`call` for a parsed tool-call block; a malformed block gets its parse error as observation."""
         if call.error is not None:
             return _failed(call.name, call.arguments, call.error)
         return self.call(call.name, call.arguments, allowed)

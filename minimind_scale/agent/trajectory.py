@@ -8,6 +8,9 @@ renders between that turn's end-of-turn token and the next generation prompt, fo
 conversation with and without them. A trajectory ends on a turn without calls (finished), on a turn
 still calling tools at `max_turns`, or on a turn cut by `max_new_tokens` (both unfinished).
 
+Every turn is generated through the generation seam (minimind_scale/generation), by default transformers'
+generate on the policy; the rows are assembled by `sampling.concat_samples`.
+
 The result's `samples` has the layout of `sampling.Samples`, so the online stages score and train on it
 as on single-turn samples: the completion is every turn and observation in order, and
 `completion_mask` is 1 only on tokens the model generated (each turn's end-of-turn token included).
@@ -18,13 +21,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minimind_scale.agent.tools import ParsedCall, ToolBox, declared_tool_names, parse_tool_calls
-from minimind_scale.chat.conversation import TURN_END, encode_prompt
+from minimind_scale.agent.tools import ToolBox
+from minimind_scale.chat.encoding import encode_prompt
+from minimind_scale.chat.markup import TOOL_CALL_CLOSE, TURN_END
+from minimind_scale.chat.reply_parser import answer_text
+from minimind_scale.chat.tool_calls import ParsedCall, declared_tool_names, parse_tool_calls
 from minimind_scale.errors import UserError
-from minimind_scale.rl.rewards import answer_text
-from minimind_scale.rl.sampling import Samples
-
-TOOL_CALL_END = "</tool_call>"
+from minimind_scale.generation.interface import GenerationBackend, SamplingParams
+from minimind_scale.generation.registry import DEFAULT_BACKEND, backend_for
+from minimind_scale.rl.sampling import Samples, concat_samples
 
 
 @dataclass
@@ -88,29 +93,7 @@ def observation_ids(tokenizer, history: list[dict], tool_messages: list[dict], t
 
 def final_answer(turn_text: str) -> str:
     answer = answer_text(turn_text)
-    return answer.rsplit(TOOL_CALL_END, 1)[-1].strip()
-
-
-def _generate(model, sequences: list[list[int]], *, max_new_tokens: int, sampling: dict, end_id: int,
-              pad_id: int) -> list[tuple[list[int], bool]]:
-    """(new tokens up to and including the first end_id, whether it came) per left-padded sequence."""
-    device = next(model.parameters()).device
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, width - len(s):] = torch.as_tensor(s)
-        mask[i, width - len(s):] = 1
-    # generate derives position ids from the mask, as sampling.position_ids_from_mask does for scoring.
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                         eos_token_id=end_id, pad_token_id=pad_id, use_cache=True, **sampling)
-    results = []
-    for row in out[:, width:].tolist():
-        if end_id in row:
-            results.append((row[:row.index(end_id) + 1], True))
-        else:
-            results.append((row, False))
-    return results
+    return answer.rsplit(TOOL_CALL_CLOSE, 1)[-1].strip()
 
 
 def _take_turn(row: _Row, tokens: list[int], ended: bool, last_turn: bool, toolbox: ToolBox, tokenizer) -> None:
@@ -146,32 +129,24 @@ def _execute(row: _Row, call: ParsedCall, toolbox: ToolBox) -> dict:
     return {"role": "tool", "content": result.content}
 
 
-def _assemble(rows: list[_Row], pad_id: int, device) -> Samples:
-    """Prompts left-padded to a common P, continuations right-padded to a common T."""
-    P = max(len(r.prompt_ids) for r in rows)
-    T = max(len(r.ids) for r in rows)
-    sequences = torch.full((len(rows), P + T), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), P + T), dtype=torch.long)
-    completion = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        p, n = len(r.prompt_ids), len(r.ids)
-        sequences[i, P - p:P] = torch.as_tensor(r.prompt_ids)
-        sequences[i, P:P + n] = torch.as_tensor(r.ids)
-        attention[i, P - p:P + n] = 1
-        completion[i, :n] = torch.as_tensor(r.mask)
-    clipped = torch.tensor([r.unfinished for r in rows], dtype=torch.bool)
-    return Samples(sequences=sequences.to(device), attention_mask=attention.to(device),
-                   completion_mask=completion.to(device), clipped=clipped.to(device), prompt_len=P)
+def _row_samples(row: _Row) -> Samples:
+    """One trajectory as a one-row Samples: its prompt, then every turn and observation."""
+    ids = torch.tensor([row.prompt_ids + row.ids], dtype=torch.long)
+    return Samples(sequences=ids, attention_mask=torch.ones_like(ids),
+                   completion_mask=torch.tensor([row.mask], dtype=torch.long),
+                   clipped=torch.tensor([row.unfinished], dtype=torch.bool), prompt_len=len(row.prompt_ids))
 
 
 @torch.no_grad()
 def run_trajectories(model, tokenizer, prompts: list[list[dict]], tools: list[list | None], toolbox: ToolBox, *,
                      num_samples: int = 1, max_turns: int = 3, max_new_tokens: int, do_sample: bool,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                     open_thinking: list[bool] | None = None, end_id: int, pad_id: int) -> Trajectories:
+                     open_thinking: list[bool] | None = None, end_id: int, pad_id: int,
+                     backend: GenerationBackend | str = DEFAULT_BACKEND) -> Trajectories:
     """`num_samples` trajectories per prompt of up to `max_turns` assistant turns of up to `max_new_tokens`
     tokens each. `tools[g]` is prompt g's tool schemas (None: it may call no tool); `open_thinking[g]`
-    renders its generation prompts with an open think block (default False). Sampling uses the
+    renders its generation prompts with an open think block (default False). `model` is the policy or a
+    generation backend; `backend` picks one by name (see sampling.sample). The hf backend samples from the
     process's torch RNG; `do_sample` False is greedy."""
     if len(tools) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(tools)} tool lists")
@@ -182,18 +157,19 @@ def run_trajectories(model, tokenizer, prompts: list[list[dict]], tools: list[li
     for messages, schemas, think in zip(prompts, tools, thinking):
         ids = encode_prompt(messages, schemas, tokenizer, open_thinking=think)
         rows += [_Row(list(messages), schemas, declared_tool_names(schemas), think, ids) for _ in range(num_samples)]
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    generator = backend_for(model, backend, pad_id=pad_id)
+    params = SamplingParams(max_new_tokens=max_new_tokens, end_ids=(end_id,),
+                            temperature=temperature if do_sample else 0.0, top_p=top_p, top_k=top_k)  # 0: greedy
     for turn in range(max_turns):
         active = [r for r in rows if not r.done]
         if not active:
             break
-        generated = _generate(model, [r.prompt_ids + r.ids for r in active], max_new_tokens=max_new_tokens,
-                              sampling=sampling, end_id=end_id, pad_id=pad_id)
-        for row, (tokens, ended) in zip(active, generated):
+        out = generator.generate([r.prompt_ids + r.ids for r in active], params)
+        for row, tokens, ended in zip(active, out.rows(), out.finished.tolist()):
             _take_turn(row, tokens, ended, turn == max_turns - 1, toolbox, tokenizer)
-    device = next(model.parameters()).device
-    return Trajectories(samples=_assemble(rows, pad_id, device), messages=[r.messages for r in rows],
+        device = out.token_ids.device
+    samples = concat_samples([_row_samples(r) for r in rows], pad_id).to(device)
+    return Trajectories(samples=samples, messages=[r.messages for r in rows],
                         tool_calls=[r.calls for r in rows], tool_results=[r.results for r in rows],
                         tool_failures=[r.failures for r in rows], turns=[r.turns for r in rows],
                         unfinished=[r.unfinished for r in rows], final_answer=[r.final_answer for r in rows])

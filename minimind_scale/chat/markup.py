@@ -1,7 +1,8 @@
 """The chat markup MiniMind-family models read and write, defined once.
 
 Every module that writes or looks for a turn marker, a think block or a tool-call tag imports it from here;
-tests/test_architecture.py fails if one of these literals appears anywhere else in code.
+tests/test_markup.py fails if one of these literals appears in code anywhere else (docstrings and comments may
+mention them); chat/template.py builds the chat template itself from these constants.
 """
 TURN_START = "<|im_start|>"
 TURN_END = "<|im_end|>"

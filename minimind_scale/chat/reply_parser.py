@@ -11,6 +11,9 @@ Whitespace at either end of the reasoning and of the content is dropped (the tem
 around both), so a streamed answer equals the stripped whole. A `<tool_call>` block that does not
 parse (or any block when the request declared no tools) becomes content: its text without the tags,
 so nothing the model wrote is lost and no tag leaks.
+
+`answer_text` is the cruder cut that rewards and agent rollouts use on a finished reply: everything after
+its last closing think tag, so that no reasoning, however the model wrote it, can pass for the answer.
 """
 from __future__ import annotations
 
@@ -19,11 +22,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from minimind_scale.agent.tools import parse_tool_calls
+from minimind_scale.chat.markup import THINK_CLOSE, THINK_OPEN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from minimind_scale.chat.tool_calls import parse_tool_calls
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-CONTENT_TAGS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE)
+CONTENT_TAGS = (THINK_OPEN, THINK_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
 
 
 @dataclass(frozen=True)
@@ -108,14 +110,14 @@ class ReplyParser:
     def _step(self, pieces: list[Piece]) -> bool:
         """Consume what `pending` decides; True while a tag was consumed (more may follow)."""
         if self.mode == "call":
-            end = self.pending.find(CALL_CLOSE)
+            end = self.pending.find(TOOL_CALL_CLOSE)
             if end < 0:
-                keep = _held_tail(self.pending, (CALL_CLOSE,))
+                keep = _held_tail(self.pending, (TOOL_CALL_CLOSE,))
                 self.call_text += self.pending[:len(self.pending) - keep]
                 self.pending = self.pending[len(self.pending) - keep:]
                 return False
             self._call(pieces, self.call_text + self.pending[:end])
-            self.call_text, self.pending, self.mode = "", self.pending[end + len(CALL_CLOSE):], "content"
+            self.call_text, self.pending, self.mode = "", self.pending[end + len(TOOL_CALL_CLOSE):], "content"
             return True
         tags = (THINK_CLOSE,) if self.mode == "reasoning" else CONTENT_TAGS
         at, tag = _first_tag(self.pending, tags)
@@ -127,7 +129,7 @@ class ReplyParser:
         self._text(pieces, self.mode, self.pending[:at])
         self.pending = self.pending[at + len(tag):]
         # A stray closing tag in the content is dropped; an opening one switches mode.
-        self.mode = {THINK_CLOSE: "content", THINK_OPEN: "reasoning", CALL_OPEN: "call"}.get(tag, "content")
+        self.mode = {THINK_CLOSE: "content", THINK_OPEN: "reasoning", TOOL_CALL_OPEN: "call"}.get(tag, "content")
         return True
 
     def _text(self, pieces: list[Piece], kind: str, text: str, strip_tags: bool = False) -> None:
@@ -139,7 +141,7 @@ class ReplyParser:
             pieces.append(Piece(kind, text))
 
     def _call(self, pieces: list[Piece], block: str) -> None:
-        parsed = parse_tool_calls(CALL_OPEN + block + CALL_CLOSE)
+        parsed = parse_tool_calls(TOOL_CALL_OPEN + block + TOOL_CALL_CLOSE)
         call = parsed[0] if parsed else None
         if not self.parse_tools or call is None or call.error is not None:
             self._text(pieces, "content", block, strip_tags=True)
@@ -148,7 +150,7 @@ class ReplyParser:
         pieces.append(Piece("tool_call", call=ToolCall(f"call_{uuid.uuid4().hex[:24]}", call.name, arguments)))
 
 
-def parse_reply(text: str, in_reasoning: bool = False, parse_tools: bool = True) -> list[Piece]:
-    """Every piece of a whole reply."""
-    parser = ReplyParser(in_reasoning, parse_tools)
-    return parser.feed(text) + parser.finish()
+
+def answer_text(text: str) -> str:
+    """What follows the last closing think tag of a finished reply (the whole text without one)."""
+    return text.rsplit(THINK_CLOSE, 1)[-1] if THINK_CLOSE in text else text

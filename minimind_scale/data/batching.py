@@ -5,6 +5,9 @@ sample and no mask: transformers then builds a block-diagonal causal mask from t
 (SDPA, eager) when the forward runs without a cache. Varlen kernels (flash attention) ignore masks and
 position ids, so packed batches also carry their sample boundaries (`cu_seq_lens_*`, `max_length_*`).
 docs/architecture.md explains why the loss of packed rows equals that of the samples alone.
+
+What the engine counts in a causal-LM batch (`token_counts`, a StageSpec's default) is defined here too,
+next to the padding it must see through.
 """
 from __future__ import annotations
 
@@ -18,13 +21,17 @@ from minimind_scale.data.rows import IGNORE_INDEX
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 # Kernels that keep packed samples apart with the mask transformers derives from position ids.
 MASK_BASED_ATTENTION = ("sdpa", "eager", "flex_attention")
+# A packed batch's count of real tokens (bookkeeping, not a model input). A padded batch is counted by its
+# attention_mask; a packed one has none, and its position ids cannot tell padding from a one-token sample.
+REAL_TOKENS = "real_tokens"
 
 
 def pad_collate(rows: list[dict[str, Any]], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row of the batch (or to `length`): input_ids with pad_id, labels with IGNORE_INDEX.
 
     Packed rows (with position_ids) get position_ids padded with 0 and no attention_mask; each padding
-    token then counts as a sample of its own, so it is never attended to.
+    token then counts as a sample of its own, so it is never attended to. Their batch also carries its
+    sample boundaries (VARLEN_KEYS) and its count of real tokens (REAL_TOKENS).
     """
     longest = max([len(r["input_ids"]) for r in rows] + [length or 0])
     packed = "position_ids" in rows[0]
@@ -36,12 +43,27 @@ def pad_collate(rows: list[dict[str, Any]], pad_id: int, length: int | None = No
         ids[i, :n] = torch.as_tensor(r["input_ids"])
         labels[i, :n] = torch.as_tensor(r["labels"])
         extra[i, :n] = torch.as_tensor(r["position_ids"]) if packed else 1
-    # `_tokens` (bookkeeping, not a model input): the real tokens, for throughput and MFU.
-    batch = {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra,
-             "_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
+    batch = {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
     if packed:
-        batch.update(varlen_boundaries(extra, [len(r["input_ids"]) for r in rows]))
+        lengths = [len(r["input_ids"]) for r in rows]
+        batch[REAL_TOKENS] = torch.tensor(sum(lengths))
+        batch.update(varlen_boundaries(extra, lengths))
     return batch
+
+
+def count_label_tokens(batch: dict) -> torch.Tensor:
+    """Loss-bearing tokens: positions whose next token has a label (the first label predicts nothing)."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def token_counts(batch: dict) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+    """(loss-bearing tokens, real input tokens) of a causal-LM batch: `labels` with IGNORE_INDEX, and an
+    `attention_mask` or, packed, REAL_TOKENS. What a batch lacks counts 0. The default of a StageSpec's
+    `token_counts`: the engine reports the first as `tokens` and bases throughput and MFU on the second."""
+    labels = count_label_tokens(batch) if "labels" in batch else 0
+    if "attention_mask" in batch:
+        return labels, batch["attention_mask"].sum()
+    return labels, batch.get(REAL_TOKENS, 0)
 
 
 def padded_length(cfg) -> int | None:

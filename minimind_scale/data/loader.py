@@ -67,8 +67,12 @@ def batches_per_epoch(n_rows: int, world: int, batch_size: int) -> int:
     return math.ceil(math.ceil(n_rows / world) / batch_size)
 
 
+# The key under which a row carries its position in the data set, for a stage that declares `row_index`.
+ROW_INDEX = "_index"
+
+
 class IndexedRows(torch.utils.data.Dataset):
-    """Rows with their position in the data set as `_index`, so a stage can look up per-row state
+    """Rows with their position in the data set as ROW_INDEX, so a stage can look up per-row state
     it computed once (e.g. DPO's precomputed reference log-probabilities)."""
 
     def __init__(self, dataset):
@@ -78,14 +82,14 @@ class IndexedRows(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        return {**self.dataset[int(i)], "_index": int(i)}
+        return {**self.dataset[int(i)], ROW_INDEX: int(i)}
 
 
 def make_loader(dataset, collate, batch_size: int, world: int, rank: int, seed: int, epoch: int,
                 skip_batches: int = 0, shuffle: bool = True, num_workers: int = 0,
                 lengths: np.ndarray | None = None, with_index: bool = False):
     """`lengths` (see rows.row_lengths) switches to length-grouped batches; `with_index` gives every row
-    its position in the data set as `_index` (a StageSpec's `row_index`)."""
+    its position in the data set as ROW_INDEX (a StageSpec's `row_index`)."""
     sampler = EpochSampler(dataset, world, rank, seed, epoch, skip=skip_batches * batch_size, shuffle=shuffle,
                            lengths=lengths, batch_size=batch_size)
     # Its own generator: an iterator otherwise draws its workers' base seed from the global RNG, so a resumed

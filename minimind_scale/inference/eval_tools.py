@@ -8,6 +8,7 @@ every `gt` item appears in the final answer, by the rule of the `accuracy` rewar
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from typing import Literal
@@ -16,6 +17,7 @@ from pydantic import Field
 
 from minimind_scale.config import StrictConfig
 from minimind_scale.errors import UserError
+from minimind_scale.generation.registry import DEFAULT_BACKEND, BackendName, load_backend
 
 SHOWN_CHARS = 80
 
@@ -38,6 +40,7 @@ class EvalToolsConfig(StrictConfig):
                                 "to this jsonl file")
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="weights dtype: auto = bf16 on a GPU that supports it, else fp32")
+    generation_backend: BackendName = DEFAULT_BACKEND
 
 
 def _short(text: str, limit: int = SHOWN_CHARS) -> str:
@@ -55,16 +58,17 @@ def task_line(where: str, passed: bool, calls: list[dict], results: list[str], a
             f"answer: {_short(answer) or '(empty)'}")
 
 
-def play(model, tokenizer, tasks: list, toolbox, cfg: EvalToolsConfig) -> Iterator[dict]:
-    """One result per task, in order: its trajectory, the tool calls and results, and whether it passed."""
+def play(generator, tokenizer, tasks: list, toolbox, cfg: EvalToolsConfig) -> Iterator[dict]:
+    """One result per task, in order: its trajectory, the tool calls and results, and whether it passed.
+    `generator` is a generation backend, or a module that the hf backend then generates with."""
     from minimind_scale.agent.trajectory import run_trajectories
-    from minimind_scale.chat.conversation import TURN_END
-    from minimind_scale.rl.rewards import accuracy
+    from minimind_scale.chat.markup import TURN_END
+    from minimind_scale.rl.reward_builtins import accuracy
 
     end_id = tokenizer.convert_tokens_to_ids(TURN_END)
     for start in range(0, len(tasks), cfg.batch_size):
         chunk = tasks[start:start + cfg.batch_size]
-        out = run_trajectories(model, tokenizer, [t.messages for t in chunk], [t.tools for t in chunk], toolbox,
+        out = run_trajectories(generator, tokenizer, [t.messages for t in chunk], [t.tools for t in chunk], toolbox,
                                max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                open_thinking=[cfg.think] * len(chunk), end_id=end_id, pad_id=tokenizer.pad_token_id)
         correct = accuracy(None, out.final_answer, gt=[t.gt for t in chunk])
@@ -76,38 +80,41 @@ def play(model, tokenizer, tasks: list, toolbox, cfg: EvalToolsConfig) -> Iterat
 
 
 def _open_details(path: str | None):
+    """The --details file to write, or a context holding None without one."""
     if path is None:
-        return None
+        return contextlib.nullcontext(None)
     try:
         return open(path, "w", encoding="utf-8")
     except OSError as e:
         raise UserError(f"--details {path}: cannot be written ({e.strerror})") from None
 
 
+def _report(results: Iterator[dict], details) -> tuple[int, int, int]:
+    """Print one line per task (and write its details); (tasks passed, tool calls, failed calls)."""
+    passed = calls = failures = 0
+    for result in results:
+        passed += result["passed"]
+        calls += len(result["tool_calls"])
+        failures += result["tool_failures"]
+        print(task_line(result["task"], result["passed"], result["tool_calls"], result["tool_results"],
+                        result["final_answer"]), flush=True)
+        if details is not None:
+            details.write(json.dumps(result, ensure_ascii=False) + "\n")
+    return passed, calls, failures
+
+
 def run(cfg: EvalToolsConfig) -> None:
     from minimind_scale.agent.records import read_agent_tasks
     from minimind_scale.agent.tools import load_tools
-    from minimind_scale.inference.chat import load_chat_model
 
     if not cfg.data_path:
         raise UserError("--data_path: give at least one jsonl task file")
     # The cheap checks first: a broken tools file or record should not wait for the model to load.
     with load_tools(cfg.tools, cfg.timeout_sec, cfg.max_result_chars) as toolbox:
         tasks = [t for path in cfg.data_path for t in read_agent_tasks(path, require_gt=True)]
-        details = _open_details(cfg.details)
-        passed = calls = failures = 0
-        try:
-            model, tokenizer = load_chat_model(cfg.model, None, cfg.dtype)
-            for result in play(model, tokenizer, tasks, toolbox, cfg):
-                passed += result["passed"]
-                calls += len(result["tool_calls"])
-                failures += result["tool_failures"]
-                print(task_line(result["task"], result["passed"], result["tool_calls"], result["tool_results"],
-                                result["final_answer"]), flush=True)
-                if details is not None:
-                    details.write(json.dumps(result, ensure_ascii=False) + "\n")
-        finally:
-            if details is not None:
-                details.close()
+        with _open_details(cfg.details) as details:
+            generator, tokenizer = load_backend(cfg.generation_backend, cfg.model, dtype=cfg.dtype)
+            with contextlib.closing(generator):
+                passed, calls, failures = _report(play(generator, tokenizer, tasks, toolbox, cfg), details)
     print(json.dumps({"accuracy": passed / len(tasks), "tasks": len(tasks), "tool_calls": calls,
                       "tool_failures": failures}), flush=True)

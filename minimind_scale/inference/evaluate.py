@@ -2,9 +2,14 @@
 
 The loss is the mean next-token cross-entropy over every loss-bearing token of the data set (the
 same tokens, labels and truncation a training stage uses), not a mean of per-batch means, so it
-does not depend on the batch size, the padding or the number of processes. With `--stage reward`
-a reward model (a one-output sequence classifier) scores preference pairs instead: its pairwise
-accuracy and mean margin over every pair, counted as the reward stage counts them in training.
+does not depend on the batch size, the padding or the number of processes. A stage that declares
+`eval_metrics` is measured through its own collate and loss instead, each metric a mean over every
+loss unit, counted as that stage counts it in training (`--stage reward`: a reward model's pairwise
+accuracy and mean margin over every pair).
+
+Whatever eval needs to know about a stage it asks the stage's StageSpec: which data format it reads
+(`recognizes`, for `--stage auto`), which config fields measuring sets (`eval_overrides`), which
+metrics it reports, and which kind of model it trains (`model_kind`).
 """
 from __future__ import annotations
 
@@ -19,12 +24,17 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from minimind_scale.config import StrictConfig
+
+# Still importable from here, where benchmarks/cache_identity.py reads it; eval itself asks spec.eval_overrides.
+from minimind_scale.data.sft_rows import AUGMENTATIONS_OFF as AUGMENTATIONS_OFF
 from minimind_scale.errors import UserError
 from minimind_scale.models.yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions, load_config
 from minimind_scale.rl.reward_model import check_reward_model
+from minimind_scale.training import registry
 
-# The SFT stages' data augmentations at the values that leave records as they are.
-AUGMENTATIONS_OFF = {"add_system_ratio": 0.0, "empty_think_ratio": 1.0}
+# `--stage auto` asks these stages, in order, which one recognises the data's first record; a record none
+# recognises (or a line that is not JSON) goes to the last, whose encoder then reports what is wrong with it.
+AUTO_STAGES = ("pretrain", "full_sft")
 
 
 class EvalConfig(StrictConfig):
@@ -54,18 +64,23 @@ class EvalConfig(StrictConfig):
 
 
 def detect_stage(path: str) -> str:
-    """pretrain for {"text": ...} records, full_sft for anything else (conversations, messages)."""
+    """The first of AUTO_STAGES whose StageSpec recognises the first record of `path`, else the last."""
+    registry.discover()
+    record = first_record(path)
+    return next((name for name in AUTO_STAGES if registry.get_stage(name).recognizes(record)), AUTO_STAGES[-1])
+
+
+def first_record(path: str):
+    """The first non-blank line of `path`, parsed; None when there is none or it is not JSON (the stage's
+    own reader reports a broken line with its number)."""
     with open(path, "rb") as f:
         for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                # Let the stage's own reader report the broken line with its number.
-                return "full_sft"
-            return "pretrain" if isinstance(record, dict) and "text" in record else "full_sft"
-    return "full_sft"
+            if line.strip():
+                try:
+                    return json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    return None
+    return None
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
@@ -108,30 +123,32 @@ def evaluate_rows(model, dataset, pad_id: int, batch_size: int, show_progress: b
 
 
 @torch.inference_mode()
-def evaluate_pairs(model, dataset, spec, stage_cfg, tokenizer, batch_size: int,
-                   show_progress: bool = True) -> tuple[float, float, int]:
-    """(pairs ranked right, summed r_chosen − r_rejected, pairs) of `dataset`'s pairs, through the stage's
-    own collate and loss, whose `accuracy` and `margin` metrics are sums over pairs: eval counts as training logs."""
+def evaluate_metrics(model, dataset, spec, stage_cfg, tokenizer, batch_size: int,
+                     show_progress: bool = True) -> list[float]:
+    """[Σ of each of the stage's eval_metrics, then Σ loss units] over `dataset`'s rows, through the stage's
+    own collate and loss, whose metrics are sums over loss units: eval counts as training logs."""
     from minimind_scale.data.batching import to_device
 
     device = next(model.parameters()).device
-    correct, margin, pairs = 0.0, 0.0, 0
-    bar = tqdm(total=len(dataset), desc="eval", unit="pair", file=sys.stderr, disable=not show_progress)
+    sums, units = [0.0] * len(spec.eval_metrics), 0
+    bar = tqdm(total=len(dataset), desc="eval", unit="row", file=sys.stderr, disable=not show_progress)
     for rows in _batches(dataset, batch_size):
         batch = to_device(spec.collate(rows, tokenizer, stage_cfg), device)
         out = spec.loss(model, batch, stage_cfg, None)
-        correct += out.metrics["accuracy"].double().item()
-        margin += out.metrics["margin"].double().item()
-        pairs += int(spec.loss_units(batch))
+        for i, name in enumerate(spec.eval_metrics):
+            sums[i] += out.metrics[name].double().item()
+        units += int(spec.loss_units(batch))
         bar.update(len(rows))
     bar.close()
-    return correct, margin, pairs
+    return sums + [units]
 
 
-def load_model(cfg: EvalConfig, tokenizer, reward: bool):
-    """The causal LM, or for stage reward the sequence classifier, of `cfg.model`."""
+def load_model(cfg: EvalConfig, tokenizer, model_kind: str):
+    """The model of `cfg.model`, as the kind the stage trains: a causal LM, or a reward model (a sequence
+    classifier)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    reward = model_kind == "reward_model"
     auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     config = load_config(cfg.model, cfg.yarn_factor, cfg.yarn_original_max_position_embeddings)
     try:
@@ -147,13 +164,13 @@ def load_model(cfg: EvalConfig, tokenizer, reward: bool):
     return model
 
 
-def summary(totals: list[float], reward: bool) -> dict:
+def summary(totals: list[float], spec) -> dict:
     """The printed result from the summed totals of every process."""
-    if reward:
-        correct, margin, pairs = totals
-        if pairs == 0:
-            raise UserError("no preference pair in the data (nothing to evaluate)")
-        return {"accuracy": correct / pairs, "margin": margin / pairs, "pairs": int(pairs)}
+    if spec.eval_metrics:
+        *sums, units = totals
+        if units == 0:
+            raise UserError(f"no {spec.units_name} in the data (nothing to evaluate)")
+        return {**{name: total / units for name, total in zip(spec.eval_metrics, sums)}, spec.units_name: int(units)}
     loss_sum, tokens, records = totals
     if tokens == 0:
         raise UserError("no loss-bearing token in the data (nothing to evaluate)")
@@ -165,7 +182,6 @@ def summary(totals: list[float], reward: bool) -> dict:
 def run(cfg: EvalConfig) -> None:
     from minimind_scale.data.prepare import check_data_files, prepare_dataset
     from minimind_scale.models.build import is_model_dir, load_tokenizer
-    from minimind_scale.training import registry
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     accelerator = None
@@ -189,36 +205,33 @@ def run(cfg: EvalConfig) -> None:
     if not is_model_dir(cfg.model):
         raise UserError(f"model '{cfg.model}' is not a Hugging Face model directory (no config.json)")
     files = check_data_files(cfg.data_path)
-    stage = detect_stage(str(files[0])) if cfg.stage == "auto" else cfg.stage
-    reward = stage == "reward"
-    if reward:
-        check_reward_model(cfg.model, "eval --stage reward")
     registry.discover()
-    spec = registry.get_stage(stage)
-    # Scored as given: training-time augmentations (full_sft's added system prompts, removed empty
-    # <think> blocks) would change the text being measured.
-    as_given = {k: v for k, v in AUGMENTATIONS_OFF.items() if k in spec.config.model_fields}
+    spec = registry.get_stage(detect_stage(str(files[0])) if cfg.stage == "auto" else cfg.stage)
+    if spec.model_kind == "reward_model":
+        check_reward_model(cfg.model, f"eval --stage {cfg.stage}")
+    # Scored as given: the stage's eval_overrides switch off what would change the data being measured
+    # (the SFT family's added system prompts and removed empty think blocks).
     stage_cfg = spec.config(data_path=cfg.data_path, max_seq_len=cfg.max_seq_len, num_proc=cfg.num_proc,
                             cache_dir=cfg.cache_dir, skip_bad_records=cfg.skip_bad_records, model=cfg.model,
-                            packing=cfg.packing, **as_given)
+                            packing=cfg.packing, **spec.eval_overrides)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     dataset, _, report = prepare_dataset(spec, stage_cfg, tokenizer, is_local_main=is_local_main, log=log)
     if report.skipped:
         log(f"evaluating {report.summary()}")
 
-    model = load_model(cfg, tokenizer, reward)
+    model = load_model(cfg, tokenizer, spec.model_kind)
     device = accelerator.device if accelerator else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
 
     if world > 1:
         dataset = dataset.shard(num_shards=world, index=rank, contiguous=True)
-    if reward:
-        totals = evaluate_pairs(model, dataset, spec, stage_cfg, tokenizer, cfg.batch_size, show_progress=is_main)
+    if spec.eval_metrics:
+        totals = evaluate_metrics(model, dataset, spec, stage_cfg, tokenizer, cfg.batch_size, show_progress=is_main)
     else:
         totals = evaluate_rows(model, dataset, tokenizer.pad_token_id, cfg.batch_size, show_progress=is_main)
     totals = list(totals)
     if accelerator is not None:
         totals = accelerator.reduce(torch.tensor(totals, dtype=torch.float64, device=device), reduction="sum").tolist()
-    result = summary(totals, reward)
+    result = summary(totals, spec)
     if is_main:
         print(json.dumps(result), flush=True)

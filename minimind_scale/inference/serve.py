@@ -1,8 +1,9 @@
 """`serve`: a model behind OpenAI's chat-completions API, with a chat page at `/`.
 
-This module is the command: its options, loading the model, binding the address, and running uvicorn
-until Ctrl-C. The routes are in serve_app.py, the request schema in serve_schema.py, the generation
-thread in serve_worker.py and the reply's reasoning / tool-call parsing in reply_parser.py.
+This module is the command: its options, loading the model (as a generation backend, `--generation_backend`),
+binding the address, and running uvicorn until Ctrl-C. The routes are in serve_app.py, the request schema in
+serve_schema.py, the generation thread in serve_worker.py and the reply's reasoning / tool-call parsing in
+reply_parser.py.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pydantic import Field
 
 from minimind_scale.config import StrictConfig
 from minimind_scale.errors import UserError
+from minimind_scale.generation.registry import DEFAULT_BACKEND, BackendName
 from minimind_scale.models.yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions
 
 
@@ -36,6 +38,7 @@ class ServeConfig(StrictConfig):
         "auto", description="weights dtype: auto = bf16 on a GPU that supports it, else fp32")
     yarn_factor: YarnFactor = None
     yarn_original_max_position_embeddings: YarnOriginalPositions = DEFAULT_ORIGINAL_POSITIONS
+    generation_backend: BackendName = DEFAULT_BACKEND
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -56,22 +59,40 @@ def _url(host: str, port: int) -> str:
 
 
 def run(cfg: ServeConfig) -> None:
-    try:
-        import uvicorn
+    from minimind_scale.generation.registry import load_backend
 
-        from minimind_scale.inference.serve_app import ChatService, build_app
+    _check_serve_packages()
+    generator, tokenizer = load_backend(cfg.generation_backend, cfg.model, adapter=cfg.adapter, dtype=cfg.dtype,
+                                        yarn_factor=cfg.yarn_factor,
+                                        yarn_original_max_position_embeddings=cfg.yarn_original_max_position_embeddings)
+    try:
+        _serve(generator, tokenizer, cfg)
+    finally:
+        generator.close()
+
+
+def _check_serve_packages() -> None:
+    """The optional packages serve needs, checked before the model loads."""
+    try:
+        import uvicorn  # noqa: F401
+
+        from minimind_scale.inference import serve_app  # noqa: F401  (fastapi and starlette)
     except ImportError as e:
         raise UserError(f"serve needs its packages ({e.name} is missing): pip install -e \".[serve]\"") from None
-    from minimind_scale.inference.chat import load_chat_model
+
+
+def _serve(generator, tokenizer, cfg: ServeConfig) -> None:
+    """Bind, answer through one generation worker until the server stops, then stop the worker."""
+    import uvicorn
+
+    from minimind_scale.inference.serve_app import ChatService, build_app
     from minimind_scale.inference.serve_worker import GenerationWorker
 
-    model, tokenizer = load_chat_model(cfg.model, cfg.adapter, cfg.dtype, cfg.yarn_factor,
-                                       cfg.yarn_original_max_position_embeddings)
     sock = bind(cfg.host, cfg.port)
-    worker = GenerationWorker(model, tokenizer, cfg.max_queue)
+    worker = GenerationWorker(generator, tokenizer, cfg.max_queue)
     name = cfg.served_model_name or cfg.model
-    context = model.config.get_text_config().max_position_embeddings
-    service = ChatService(worker, copy.deepcopy(tokenizer), name, context, cfg.max_tokens, cfg.temperature, cfg.top_p)
+    service = ChatService(worker, copy.deepcopy(tokenizer), name, generator.context_length, cfg.max_tokens,
+                          cfg.temperature, cfg.top_p)
     url = _url(cfg.host, sock.getsockname()[1])
     print(f"serving {name} at {url} (chat page {url}/, API {url}/v1); Ctrl-C stops", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(build_app(service), log_level="warning", timeout_graceful_shutdown=5))

@@ -17,8 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from minimind_scale.chat.conversation import render_chat
-from minimind_scale.chat.reply_parser import THINK_CLOSE, THINK_OPEN, ReplyParser
+from minimind_scale.chat.markup import THINK_CLOSE, THINK_OPEN
+from minimind_scale.chat.reply_parser import ReplyParser
+from minimind_scale.chat.template import render_chat
 from minimind_scale.inference.serve_schema import (
     ApiError,
     ChatRequest,

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from minimind_scale.chat.conversation import normalize_messages
+from minimind_scale.chat.messages import normalize_messages
 from minimind_scale.chat.reply_parser import Piece, ToolCall
 from minimind_scale.errors import RecordError
 
@@ -150,7 +150,7 @@ def _text(content: str | list[TextPart] | None) -> str | None:
 
 
 def _history_message(m: Message) -> dict:
-    """One OpenAI message as the project's conversations spell it (see conversation.normalize_messages)."""
+    """One OpenAI message as the project's conversations spell it (see chat.messages.normalize_messages)."""
     out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content) or ""}
     if m.reasoning_content is not None:
         out["reasoning_content"] = m.reasoning_content

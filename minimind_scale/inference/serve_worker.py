@@ -3,7 +3,10 @@
 Requests are answered one at a time, in the order they arrive, by a single thread that alone touches
 the model. Each request therefore decodes exactly as it would alone (greedy answers do not depend on
 what else is queued), per-request seeds are honoured, and no state is shared between requests. The
-price is throughput: a request waits for every one ahead of it (see README, "Serving").
+price is throughput: a request waits for every one ahead of it (see docs/serving.md).
+
+The model is a generation backend (minimind_scale/generation): the worker hands it one prompt at a time,
+a token stream that becomes text deltas, the request's seed, and its cancel flag as the stop flag.
 """
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+
+from minimind_scale.generation.interface import GenerationBackend, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,8 @@ class Job:
         self.cancelled.set()
 
 
-class _TextDeltas(BaseStreamer):
-    """Decodes the new tokens as they come and emits the text they add.
+class _TextDeltas:
+    """A generation TokenStream: decodes the new tokens as they come and emits the text they add.
 
     Text that ends inside a multi-byte character waits for the token that completes it, so the deltas
     join into exactly the decoded reply. The decoded window restarts after each newline, which keeps
@@ -73,15 +76,11 @@ class _TextDeltas(BaseStreamer):
 
     def __init__(self, tokenizer, emit: Callable[[Event], None]):
         self.tokenizer, self.emit = tokenizer, emit
-        self.prompt_seen = False
         self.window: list[int] = []
         self.sent = 0
 
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt
-            self.prompt_seen = True
-            return
-        self.window += value.reshape(-1).tolist()
+    def put(self, token_ids: list[int]) -> None:
+        self.window += token_ids
         self._flush(final=False)
 
     def end(self) -> None:
@@ -99,20 +98,12 @@ class _TextDeltas(BaseStreamer):
             self.sent = len(text)
 
 
-class _Cancelled(StoppingCriteria):
-    def __init__(self, flag: threading.Event):
-        self.flag = flag
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 class GenerationWorker:
-    """Owns the model on one thread and runs submitted jobs one by one, in arrival order."""
+    """Runs submitted jobs one by one, in arrival order, on the one thread that uses the generation backend
+    (whoever made the backend closes it, after `close()`)."""
 
-    def __init__(self, model, tokenizer, max_queue: int):
-        self.model, self.tokenizer = model, tokenizer
-        self.device = next(model.parameters()).device
+    def __init__(self, generator: GenerationBackend, tokenizer, max_queue: int):
+        self.generator, self.tokenizer = generator, tokenizer
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._current: Job | None = None
         self._thread = threading.Thread(target=self._loop, name="generation", daemon=True)
@@ -159,17 +150,8 @@ class GenerationWorker:
     @torch.inference_mode()
     def _generate(self, job: Job) -> Done:
         g = job.generation
-        if g.seed is not None:
-            from transformers import set_seed
-
-            set_seed(g.seed % 2**32)  # any integer a client sends; numpy's generator takes 32 bits
-        sampling = dict(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0) if g.temperature > 0 \
-            else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        ids = torch.tensor([g.prompt_ids], dtype=torch.long, device=self.device)
-        eos = self.tokenizer.eos_token_id
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=g.max_new_tokens,
-                                  eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id,
-                                  streamer=_TextDeltas(self.tokenizer, job.emit),
-                                  stopping_criteria=StoppingCriteriaList([_Cancelled(job.cancelled)]), **sampling)
-        new = out[0, ids.shape[1]:].tolist()
-        return Done("stop" if new and new[-1] == eos else "length", len(new))
+        params = SamplingParams(max_new_tokens=g.max_new_tokens, end_ids=(self.tokenizer.eos_token_id,),
+                                temperature=g.temperature, top_p=g.top_p, top_k=0)
+        out = self.generator.generate([g.prompt_ids], params, seeds=[g.seed],
+                                      stream=_TextDeltas(self.tokenizer, job.emit), should_stop=job.cancelled.is_set)
+        return Done("stop" if out.finished[0] else "length", int(out.mask[0].sum()))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from minimind_scale.data.batching import forward_kwargs, unwrap_config
+from minimind_scale.data.batching import count_label_tokens, forward_kwargs, unwrap_config
 from minimind_scale.data.rows import IGNORE_INDEX
 
 
@@ -27,10 +27,6 @@ class LossOutput:
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
     """Position t predicts token t+1: drop the first label and pad the end with IGNORE_INDEX."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
-def count_label_tokens(batch: dict) -> torch.Tensor:
-    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
 def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

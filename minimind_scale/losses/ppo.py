@@ -5,8 +5,9 @@ estimate there, `logps[:, t]` the policy's log-probability of token t. The episo
 masked token (its next value is 0), and positions after it contribute nothing.
 
 The reward is a scalar per completion, placed on its last token. The KL to the reference enters in one
-of two places: in the loss as the k3 estimate (MiniMind's train_ppo.py; `policy_losses.k3_kl`), or in the
-per-token reward as −kl_coef·k1 with k1 = log π_old − log π_ref (TRL's and OpenRLHF's PPO).
+of two places: in the loss as the k3 estimate (MiniMind's train_ppo.py; `losses.policy.k3_kl`), or in the
+per-token reward as −kl_coef·k1 with k1 = log π_old − log π_ref (TRL's and OpenRLHF's PPO). The policy's
+per-token term is the GRPO family's clipped surrogate (`losses.policy.clipped_ratio`) with per-token advantages.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+
+from minimind_scale.losses.policy import clipped_ratio
 
 WHITEN_EPS = 1e-8
 
@@ -64,18 +67,17 @@ def whiten(values: torch.Tensor, mask: torch.Tensor,
 
 
 class PolicyTerms(NamedTuple):
-    loss: torch.Tensor       # per-token clipped surrogate, max(−A·r, −A·clip(r, 1 ± ε))
+    loss: torch.Tensor       # per-token clipped surrogate, −min(r·A, clip(r, 1 ± ε)·A)
     clipped: torch.Tensor    # bool: the clipped branch was taken (its gradient is 0)
     approx_kl: torch.Tensor  # per-token 0.5·(log r)², the early-stop statistic
 
 
 def policy_terms(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
                  cliprange: float) -> PolicyTerms:
+    """The clipped surrogate with a symmetric clip, on per-token advantages [rows, T]."""
     log_ratio = logps - old_logps
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    return PolicyTerms(torch.maximum(unclipped, clipped), clipped > unclipped, 0.5 * log_ratio.detach() ** 2)
+    terms = clipped_ratio(torch.exp(log_ratio), advantages, logps, epsilon=cliprange, epsilon_high=cliprange)
+    return PolicyTerms(terms.loss, terms.clipped, 0.5 * log_ratio.detach() ** 2)
 
 
 def value_terms(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

@@ -1,7 +1,7 @@
 """Bradley-Terry reward-model loss and its metrics, as plain functions on the model's scalar scores.
 
-The loss is per pair so that a stage can return its SUM with ``pairs`` as the unit and the engine's
-step normalisation gives the mean over every pair of the step, however the step is split.
+The loss and the metrics are per pair so that a stage can return their SUMS with ``pairs`` as the unit
+and the engine's step normalisation gives the mean over every pair of the step, however the step is split.
 """
 from __future__ import annotations
 
@@ -45,24 +45,9 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
     return losses
 
 
-def reward_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
-    """Fraction of pairs whose chosen answer scores strictly higher; a tie counts as wrong, as in TRL's logs."""
+def pair_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The reward-model metrics of each pair, [pairs] each and detached: `accuracy` 1 where the chosen answer
+    scores strictly higher (a tie counts as wrong, as in TRL's logs), `margin` r_chosen − r_rejected, and each
+    side's score. A stage returns their sums, so that the engine (and `eval`) report means over all pairs."""
     rc, rr = _scores(r_chosen, "r_chosen").detach(), _scores(r_rejected, "r_rejected").detach()
-    return (rc > rr).float().mean()
-
-
-def reward_margin(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
-    """Mean of r_chosen − r_rejected: how far apart the model puts the two answers, on average."""
-    rc, rr = _scores(r_chosen, "r_chosen").detach(), _scores(r_rejected, "r_rejected").detach()
-    return (rc - rr).float().mean()
-
-
-def reward_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, float]:
-    """The usual reward-model logs for one batch: accuracy, margin and the mean score of each side."""
-    rc, rr = _scores(r_chosen, "r_chosen").detach(), _scores(r_rejected, "r_rejected").detach()
-    return {
-        "accuracy": reward_accuracy(rc, rr).item(),
-        "margin": reward_margin(rc, rr).item(),
-        "rewards/chosen": rc.float().mean().item(),
-        "rewards/rejected": rr.float().mean().item(),
-    }
+    return {"accuracy": (rc > rr).float(), "margin": rc - rr, "reward_chosen": rc, "reward_rejected": rr}

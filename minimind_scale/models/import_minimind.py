@@ -17,7 +17,6 @@ from minimind_scale.config import StrictConfig
 from minimind_scale.errors import UserError
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
-EXPERT_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
 # Wrappers MiniMind-era training scripts leave in front of the names (DDP, torch.compile).
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 

@@ -2,11 +2,12 @@
 
 "Drop-in" means: the same special / added token strings at the same ids (0..35), the same
 bos/eos/pad/unk, the same ByteLevel pre-tokenizer and decoder, and a chat template whose rendered
-text equals MiniMind's for every conversation that template accepts. Models, data pipelines and
-loss masks built for MiniMind's tokenizer therefore work unchanged with one trained here.
+text equals MiniMind's for every conversation that template accepts (`chat.template.CHAT_TEMPLATE`).
+Models, data pipelines and loss masks built for MiniMind's tokenizer therefore work unchanged with one
+trained here.
 
 The default tokenizer shipped in `minimind_scale/assets/tokenizer/` was made from the demo data
-(see `minimind_scale/demo_data.py`) with, from the repository root:
+(see `minimind_scale/data/demo_data.py`) with, from the repository root:
 
     python -m minimind_scale.data.demo_data
     python -c "from minimind_scale.models.tokenizer_train import TrainTokenizerConfig, run; \
@@ -22,6 +23,17 @@ from pathlib import Path
 
 from pydantic import Field
 
+from minimind_scale.chat.markup import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    TOOL_RESPONSE_CLOSE,
+    TOOL_RESPONSE_OPEN,
+    TURN_END,
+    TURN_START,
+)
+from minimind_scale.chat.template import CHAT_TEMPLATE
 from minimind_scale.config import StrictConfig
 from minimind_scale.errors import UserError
 
@@ -30,8 +42,8 @@ from minimind_scale.errors import UserError
 # survive decoding, which the tool-call and reasoning parsers rely on.
 SPECIAL_TOKENS: list[str] = [
     "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
+    TURN_START,
+    TURN_END,
     "<|object_ref_start|>",
     "<|object_ref_end|>",
     "<|box_start|>",
@@ -52,76 +64,19 @@ SPECIAL_TOKENS: list[str] = [
     "<tts_text_bos_single>",
 ]
 ADDED_TOKENS: list[str] = [
-    "<tool_call>",
-    "</tool_call>",
-    "<tool_response>",
-    "</tool_response>",
-    "<think>",
-    "</think>",
+    TOOL_CALL_OPEN,
+    TOOL_CALL_CLOSE,
+    TOOL_RESPONSE_OPEN,
+    TOOL_RESPONSE_CLOSE,
+    THINK_OPEN,
+    THINK_CLOSE,
 ] + [f"<|buffer{i}|>" for i in range(1, 10)]
 RESERVED_TOKENS: list[str] = SPECIAL_TOKENS + ADDED_TOKENS
 
-BOS_TOKEN = "<|im_start|>"
-EOS_TOKEN = "<|im_end|>"
+BOS_TOKEN = TURN_START
+EOS_TOKEN = TURN_END
 PAD_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<|endoftext|>"
-
-# ChatML with tools and <think> blocks. Written for this project; its rendered text is identical to
-# MiniMind's template (tests/test_tokenizer_train.py checks this on real data), because the
-# assistant-token loss mask and any MiniMind checkpoint depend on the exact characters.
-# Behaviours kept on purpose:
-# - tools go into the system turn (after the system text and a blank line), one JSON per line;
-# - every assistant turn carries a <think> block, empty or not, and text before a `</think>` in
-#   the content is moved into that block unless `reasoning_content` is given;
-# - consecutive `tool` messages are merged into one user turn of <tool_response> blocks;
-# - `open_thinking=True` leaves the generation prompt's <think> block open for the model to fill.
-CHAT_TEMPLATE = (
-    "{%- set opens_with_system = messages[0].role == 'system' %}"
-    "{%- if tools %}"
-    "{{- '<|im_start|>system\\n' }}"
-    "{%- if opens_with_system %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
-    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
-    "{%- for tool in tools %}{{- '\\n' ~ (tool | tojson) }}{%- endfor %}"
-    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and "
-    "arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
-    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
-    "{%- elif opens_with_system %}"
-    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- set content = message.content if message.content is string else '' %}"
-    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
-    "{{- '<|im_start|>' ~ message.role ~ '\\n' ~ content ~ '<|im_end|>\\n' }}"
-    "{%- elif message.role == 'assistant' %}"
-    "{%- if message.reasoning_content is string %}"
-    "{%- set thought = message.reasoning_content %}"
-    "{%- elif '</think>' in content %}"
-    "{%- set pieces = content.split('</think>') %}"
-    "{%- set thought = pieces[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
-    "{%- set content = pieces[-1].lstrip('\\n') %}"
-    "{%- else %}"
-    "{%- set thought = '' %}"
-    "{%- endif %}"
-    "{{- '<|im_start|>assistant\\n<think>\\n' ~ thought.strip('\\n') ~ '\\n</think>\\n\\n' ~ content.lstrip('\\n') }}"
-    "{%- for call in (message.tool_calls or []) %}"
-    "{%- if content or not loop.first %}{{- '\\n' }}{%- endif %}"
-    "{%- set fn = call.function if call.function else call %}"
-    "{%- set args = fn.arguments if fn.arguments is string else (fn.arguments | tojson) %}"
-    "{{- '<tool_call>\\n{\"name\": \"' ~ fn.name ~ '\", \"arguments\": ' ~ args ~ '}\\n</tool_call>' }}"
-    "{%- endfor %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- elif message.role == 'tool' %}"
-    "{%- if loop.first or loop.previtem.role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
-    "{{- '\\n<tool_response>\\n' ~ content ~ '\\n</tool_response>' }}"
-    "{%- if loop.last or loop.nextitem.role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n<think>\\n' }}"
-    "{%- if not (open_thinking is defined and open_thinking is true) %}{{- '\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
 
 
 class TrainTokenizerConfig(StrictConfig):

@@ -1,1 +1,2 @@
-"""Online RL: prompts, the shared group rollout, rewards and their scoring, the frozen reference, actor-critic."""
+"""Online RL: prompts, sampling, rewards and their scoring, the stages' shared state, rollout path and options,
+the GRPO family's rollout and loss, and the actor-critic module."""

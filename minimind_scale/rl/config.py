@@ -1,15 +1,18 @@
-"""Options every online-RL stage shares: the prompts, how completions are sampled, and how they are rewarded.
+"""Options of the online-RL stages: what every one shares (the prompts, how completions are sampled, how they
+are rewarded), and what the GRPO family (the grpo and agent stages) adds: group size, KL weight, loss type.
 
 Defaults are MiniMind's RLAIF ones (train_grpo.py / train_ppo.py): prompts of up to 768 tokens,
 completions of up to 1024, temperature 0.8, top-p 0.85, top-k 50, 90% of prompts with thinking open.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from minimind_scale.config import MaxSeqLen, ModelSource, TrainConfig
+from minimind_scale.config import BatchSize, LearningRate, MaxSeqLen, ModelSource, TrainConfig
+from minimind_scale.generation.registry import DEFAULT_BACKEND, BackendName
+from minimind_scale.losses.policy import POLICY_LOSSES, policy_loss
 
 
 class OnlineRLConfig(TrainConfig):
@@ -19,6 +22,7 @@ class OnlineRLConfig(TrainConfig):
                                   "starting model)")
     max_seq_len: MaxSeqLen = Field(1792, description="not used by online stages: max_prompt_len and max_gen_len "
                                    "bound every row")
+    generation_backend: BackendName = DEFAULT_BACKEND
     reward_funcs: list[str] = Field(default_factory=list, description="reward functions: built-in names "
                                     "(minimind_format, accuracy, minimind_agent) or FILE.py:FUNCTION, TRL's signature")
     reward_weights: list[float] = Field(default_factory=list, description="one weight per reward function, then one "
@@ -53,3 +57,46 @@ class OnlineRLConfig(TrainConfig):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {wanted} rewards "
                              f"({builtin}the reward functions, then the reward model)")
         return self
+
+
+class GRPOFamilyConfig(OnlineRLConfig):
+    """The GRPO family's options (the grpo and agent stages), with MiniMind's train_grpo.py defaults: 6
+    completions per prompt, beta 0.1 (k3 KL), CISPO with a ratio cap of 5, lr 3e-7."""
+
+    learning_rate: LearningRate = 3e-7
+    batch_size: BatchSize = Field(2, description="prompts per micro-batch per process (each gives num_generations "
+                                  "rows)")
+    num_generations: int = Field(6, ge=1, description="completions sampled per prompt (the group)")
+    beta: float = Field(0.1, ge=0, description="weight of the k3 KL to the reference; 0 loads no reference model")
+    # A str checked against the registry, so a loss type registered by a plugin is accepted too; the
+    # description lists the types registered when this class is defined (the built-in ones).
+    loss_type: str = Field("cispo", description=f"policy loss and its normalisation: {' | '.join(POLICY_LOSSES)} "
+                           "(docs/online-rl.md), or one registered with losses.policy.register_policy_loss")
+    epsilon: float = Field(0.2, gt=0, description="lower clip of the ratio (grpo, dapo, dr_grpo)")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip (default: the loss type's, else "
+                                       "epsilon); for cispo the cap on the ratio weight (default 5.0)")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="advantage = (r − group mean) "
+                                                             "divided by the group's std, the batch's std, or 1")
+    num_iterations: int = Field(1, ge=1, description="optimizer steps on each rollout (old-policy log-probs are "
+                                "computed once at rollout time)")
+
+    @field_validator("loss_type")
+    @classmethod
+    def _registered_loss_type(cls, v: str) -> str:
+        policy_loss(v)  # raises, listing the registered names
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.num_generations == 1 and self.scale_rewards in ("group", "batch"):
+            raise ValueError(f"num_generations 1 with scale_rewards {self.scale_rewards}: a group of one completion "
+                             "always has advantage 0, so nothing would be learned; sample at least 2")
+        return self
+
+    @property
+    def clip_high(self) -> float:
+        """--epsilon_high, else the upper clip the loss type registered, else --epsilon (a symmetric clip)."""
+        if self.epsilon_high is not None:
+            return self.epsilon_high
+        registered = policy_loss(self.loss_type).clip_high
+        return self.epsilon if registered is None else registered

@@ -8,10 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 
-import torch
-
-from minimind_scale.chat.conversation import encode_prompt, encode_prompts, normalize_messages
+from minimind_scale.chat.encoding import encode_prompt, encode_prompts
+from minimind_scale.chat.messages import normalize_messages
 from minimind_scale.errors import RecordError
+from minimind_scale.generation.padding import left_pad
 
 PROMPT_KEYS = ("prompt", "conversations", "messages")
 
@@ -86,12 +86,6 @@ DATA_FIELDS = ("max_prompt_len", "thinking_ratio", "seed")
 def collate(rows, tokenizer, cfg) -> dict:
     """Prompts left-padded, so generation starts at the same column for every row; their messages and
     extra record keys (the reward functions' columns) ride along."""
-    width = max(len(r["prompt_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["prompt_ids"])
-        ids[i, width - n:] = torch.as_tensor(r["prompt_ids"])
-        mask[i, width - n:] = 1
+    ids, mask = left_pad([r["prompt_ids"] for r in rows], tokenizer.pad_token_id)
     return {"input_ids": ids, "attention_mask": mask, "prompts": [json.loads(r["prompt"]) for r in rows],
             "columns": [json.loads(r["columns"]) for r in rows]}

@@ -1,14 +1,19 @@
 """Sampling completions from a policy, and the per-token log-probabilities online stages train on.
 
-Prompts are left-padded (so every prompt ends where generation starts) and completions right-padded.
-Position ids come from the attention mask, in sampling and in every scoring forward alike, so a
-token's log-probability does not depend on how much padding its prompt got.
+Sampling goes through the generation seam (minimind_scale/generation): by default transformers' generate on
+the policy itself. Prompts are left-padded (so every prompt ends where generation starts) and completions
+right-padded. Position ids come from the attention mask, in sampling and in every scoring forward alike, so
+a token's log-probability does not depend on how much padding its prompt got.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from minimind_scale.generation.interface import GenerationBackend, SamplingParams
+from minimind_scale.generation.padding import unpad
+from minimind_scale.generation.registry import DEFAULT_BACKEND, backend_for
 
 
 @dataclass
@@ -25,6 +30,11 @@ class Samples:
     def completion_ids(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_len:]
 
+    def to(self, device) -> Samples:
+        return Samples(sequences=self.sequences.to(device), attention_mask=self.attention_mask.to(device),
+                       completion_mask=self.completion_mask.to(device), clipped=self.clipped.to(device),
+                       prompt_len=self.prompt_len)
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2, … over the real tokens of each row (left padding gets 0), as generation computes them."""
@@ -32,23 +42,18 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, num_samples: int, max_new_tokens: int,
-           temperature: float, top_p: float, top_k: int, end_id: int, pad_id: int) -> Samples:
-    """Sample with the KV cache on; tokens after a completion's first `end_id` are padding and masked."""
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature,
-                         top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                         eos_token_id=end_id, pad_token_id=pad_id, use_cache=True)
-    prompt_len = input_ids.shape[1]
-    completion = out[:, prompt_len:]
-    is_end = completion == end_id
-    has_end = is_end.any(dim=1)
-    width = completion.shape[1]
-    first_end = torch.where(has_end, is_end.int().argmax(dim=1), torch.full_like(has_end, width, dtype=torch.long))
-    completion_mask = (torch.arange(width, device=out.device)[None, :] <= first_end[:, None]).long()
-    completion = torch.where(completion_mask.bool(), completion, torch.full_like(completion, pad_id))
+           temperature: float, top_p: float, top_k: int, end_id: int, pad_id: int,
+           backend: GenerationBackend | str = DEFAULT_BACKEND) -> Samples:
+    """`num_samples` completions of each left-padded prompt, by `backend` (a name, made on `model`, or a backend
+    its owner keeps in step with `model`); tokens after a completion's first `end_id` are padding and masked."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, end_ids=(end_id,), temperature=temperature, top_p=top_p,
+                            top_k=top_k, num_samples=num_samples)
+    out = backend_for(model, backend, pad_id=pad_id).generate(unpad(input_ids, attention_mask), params)
+    prompt_ids = input_ids.repeat_interleave(num_samples, dim=0)
     prompt_mask = attention_mask.repeat_interleave(num_samples, dim=0)
-    return Samples(sequences=torch.cat([out[:, :prompt_len], completion], dim=1),
-                   attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
-                   completion_mask=completion_mask, clipped=~has_end, prompt_len=prompt_len)
+    return Samples(sequences=torch.cat([prompt_ids, out.token_ids], dim=1),
+                   attention_mask=torch.cat([prompt_mask, out.mask], dim=1),
+                   completion_mask=out.mask, clipped=~out.finished, prompt_len=input_ids.shape[1])
 
 
 def completion_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,

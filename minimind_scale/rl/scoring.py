@@ -1,13 +1,13 @@
-"""Scoring sampled completions for online RL, and the frozen models an online stage keeps beside its policy."""
+"""Scoring sampled completions for online RL: the weighted reward functions and reward model, and completion logs."""
 from __future__ import annotations
 
-import copy
 import json
 
 import torch
 
+from minimind_scale.rl.reward_funcs import load_reward_funcs
 from minimind_scale.rl.reward_model import RewardModel, check_reward_model
-from minimind_scale.rl.rewards import load_reward_funcs, score_completions
+from minimind_scale.rl.reward_scoring import score_completions
 
 
 def check_rewards(cfg) -> None:
@@ -36,18 +36,6 @@ class RewardScorer:
             total = total + self.weights[-1] * scores
             per_function[RewardModel.name] = scores.tolist()
         return total, per_function
-
-
-def frozen_reference(model, path: str | None, device) -> torch.nn.Module:
-    """The KL reference: a copy of the starting policy, or the model at `path`. A full replica on every
-    rank (never prepared), also under ZeRO-3: fine at MiniMind's sizes."""
-    if path is None:
-        ref = copy.deepcopy(model)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return ref.eval().requires_grad_(False).to(device)
 
 
 def score_samples(scorer: RewardScorer, tokenizer, batch: dict, samples, group: int,

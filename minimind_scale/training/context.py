@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from minimind_scale.training.batch import MicroBatch
 
 
 class StageState:
@@ -39,6 +42,7 @@ class StageContext:
 class Rollout:
     """What a stage's rollout returns: the micro-batches to train on, and metrics of its own.
 
+    Each micro-batch is a dict of tensors or a batch.CountedBatch (the batch contract, StageSpec).
     `metrics` maps a name to (sum, count) on this process; the engine logs Σ sum / Σ count over all
     processes (mean reward over completions, completion length, the share of clipped completions).
     A rollout may also return a plain list of micro-batches.
@@ -50,10 +54,10 @@ class Rollout:
     holds at most accumulation_steps micro-batches (DeepSpeed steps its optimizer at that count).
     """
 
-    micro_batches: list[dict] = field(default_factory=list)
+    micro_batches: list[MicroBatch] = field(default_factory=list)
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)
-    steps: list[list[dict]] | None = None
+    steps: list[list[MicroBatch]] | None = None
 
-    def plan(self, steps_per_rollout: int) -> list[list[dict]]:
+    def plan(self, steps_per_rollout: int) -> list[list[MicroBatch]]:
         """The micro-batches of each step this rollout trains."""
         return self.steps if self.steps is not None else [self.micro_batches] * steps_per_rollout

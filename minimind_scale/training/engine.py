@@ -23,8 +23,8 @@ from minimind_scale.data.loader import make_loader
 from minimind_scale.data.publish import STAGING_PREFIX, publish_once
 from minimind_scale.data.rows import row_lengths
 from minimind_scale.errors import NonFiniteLoss
-from minimind_scale.losses.causal_lm import count_label_tokens
 from minimind_scale.models.build import save_hf
+from minimind_scale.training.batch import MicroBatch, counted, row_length
 from minimind_scale.training.checkpoint import save_checkpoint, write_failures_reported
 from minimind_scale.training.context import Rollout
 from minimind_scale.training.distributed import reduce_sum
@@ -104,7 +104,7 @@ class StepInput:
     """What one optimizer step trains on; no micro-batches means the step is skipped."""
 
     consumed: int                # loader batches this step takes from the epoch (0 when it reuses a rollout)
-    micro_batches: list[dict]
+    micro_batches: list[MicroBatch]
     metrics: dict[str, tuple[float, float]]  # the rollout's own metrics: name -> (sum, count) on this process
     ends_rollout: bool = True    # the last step on this rollout
     result: StepResult | None = None  # set by the loop once the step ran
@@ -146,7 +146,7 @@ def rollout_steps(run: Run, made: Rollout, consumed: int) -> Iterator[StepInput]
             stopped = stopped or run.spec.stop_reusing(step.result.metrics, run.cfg)
 
 
-def rollout(run: Run, window: list[dict]) -> list[dict]:
+def rollout(run: Run, window: list[dict]) -> list[MicroBatch] | Rollout:
     """The stage's rollout on this step's loader batches: no gradients, eval mode (dropout off, the
     KV cache on for generation), on the unwrapped model with ZeRO-3's shards gathered."""
     model = run.accelerator.unwrap_model(run.model)
@@ -171,25 +171,25 @@ def gathered_parameters(run: Run, model):
 
 def optimizer_step(run: Run, step: StepInput) -> StepResult:
     """Forward and backward every micro-batch of one optimizer step, normalised over the whole step, then update."""
-    acc, cfg, spec, micro_batches = run.accelerator, run.cfg, run.spec, step.micro_batches
-    units, tokens, inputs = reduce_sum(acc, [
-        sum(float(spec.loss_units(b)) for b in micro_batches),
-        sum(float(count_label_tokens(b)) for b in micro_batches if "labels" in b),
-        sum(float(b["_tokens"]) for b in micro_batches if "_tokens" in b)])
+    acc, cfg, spec = run.accelerator, run.cfg, run.spec
+    micro_batches = [counted(b, spec) for b in step.micro_batches]
+    units, tokens, inputs = reduce_sum(acc, [sum(b.loss_units for b in micro_batches),
+                                             sum(b.label_tokens for b in micro_batches),
+                                             sum(b.input_tokens for b in micro_batches)])
     units = max(units, 1.0)
     scale = acc.num_processes * cfg.accumulation_steps / units
-    # A short window (the end of an epoch) must still sync on its last micro-batch: accelerate's
-    # accumulate() syncs when its counter reaches the accumulation steps. More micro-batches than that
-    # sync more than once, which sums the same gradient under DDP, but DeepSpeed would step its optimizer.
+    # DeepSpeed steps its optimizer inside every backward that syncs, so a step holds at most one window.
     if run.uses_deepspeed and len(micro_batches) > cfg.accumulation_steps:
         raise RuntimeError(f"stage '{spec.name}': a step of {len(micro_batches)} micro-batches under DeepSpeed, "
                            f"whose optimizer steps every accumulation_steps ({cfg.accumulation_steps}) micro-batches")
-    acc.step = cfg.accumulation_steps - len(micro_batches)
     loss_sum, sums, counts = 0.0, {}, {}
-    for batch in micro_batches:
-        batch = to_device(batch, acc.device)
-        with acc.accumulate(run.model):
-            out = spec.loss(run.model, batch, cfg, run.ctx)
+    for i, batch in enumerate(micro_batches):
+        tensors = to_device(batch.tensors, acc.device)
+        # The last micro-batch syncs, and every accumulation_steps-th one counted back from it: where
+        # accelerate's own counter syncs in a full window, so a short one (the end of an epoch, a short
+        # rollout plan) still syncs and steps. Syncing more than once sums the same gradient under DDP.
+        with gradient_sync(acc, run.model, (len(micro_batches) - 1 - i) % cfg.accumulation_steps == 0):
+            out = spec.loss(run.model, tensors, cfg, run.ctx)
             for callback in run.callbacks:
                 callback.on_micro_batch_loss(run, out)
             acc.backward(out.loss_sum * scale)
@@ -199,10 +199,19 @@ def optimizer_step(run: Run, step: StepInput) -> StepResult:
             counts[k] = counts.get(k, 0.0) + float(out.metric_units.get(k, 0.0))
     loss, metrics = step_metrics(acc, loss_sum, units, sums, counts, step.metrics)
     result = StepResult(loss=loss, metrics=metrics, tokens=int(tokens), input_tokens=int(inputs),
-                        row_length=max((b["input_ids"].shape[1] for b in micro_batches if "input_ids" in b), default=0),
+                        row_length=max((row_length(b) for b in micro_batches), default=0),
                         lr=run.scheduler.get_last_lr()[0])
     result.grad_norm = apply_update(run, result.loss)
     return result
+
+
+def gradient_sync(acc, model, sync: bool):
+    """The context of one micro-batch's forward and backward: whether its backward syncs gradients across
+    processes (DDP's all-reduce) and ends the accumulation, so that Accelerate's optimizer steps and
+    DeepSpeed takes its step inside backward. What `Accelerator.accumulate` does, decided by the caller
+    rather than by a counter that a window shorter than gradient_accumulation_steps would leave mid-count."""
+    acc.sync_gradients = sync
+    return contextlib.nullcontext() if sync else acc.no_sync(model)
 
 
 def step_metrics(acc, loss_sum, units: float, sums: dict, counts: dict,

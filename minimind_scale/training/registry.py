@@ -16,9 +16,9 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from minimind_scale.config import TrainConfig
 from minimind_scale.errors import UserError
@@ -44,7 +44,11 @@ class StageSpec(BaseModel):
     loss(model, batch, cfg, ctx) -> LossOutput: the SUM of the loss over the batch's loss units
         (tokens for language modelling, pairs for preference losses) plus metric sums.
     loss_units(batch) -> int: how many units the batch's loss sums over; the engine uses it to
-        normalise an optimizer step over every micro-batch and rank.
+        normalise an optimizer step over every micro-batch and rank. Required, except for a stage
+        whose rollout counts its micro-batches itself (see the batch contract below).
+    token_counts(batch) -> (loss-bearing tokens, real input tokens): optional; what the engine logs
+        as `tokens` and bases throughput and MFU on. Default: batching.token_counts, which counts a
+        causal-LM batch (labels; attention_mask, or a packed batch's REAL_TOKENS).
     check(cfg): optional; checks that need neither data nor a model (files the config names, such as a
         reward function file), run before tokenising; raise UserError.
     build_model(cfg, tokenizer) -> model: optional; the model to train, built whole (default: a causal
@@ -57,7 +61,8 @@ class StageSpec(BaseModel):
         gets the collated loader batches of one step on this process and returns the micro-batches
         to train on. The engine runs it without gradients, in eval mode, on the unwrapped model (its
         parameters gathered under ZeRO-3), and normalises the loss over what it returned. It returns a
-        list of micro-batches or a context.Rollout (micro-batches plus metrics of its own).
+        list of micro-batches (dicts or CountedBatch objects) or a context.Rollout (micro-batches plus
+        metrics of its own).
     steps_per_rollout(cfg) -> int: optional; how many optimizer steps train on one rollout (GRPO's
         num_iterations). Checkpoints and stops wait for the last of them, so a resumed run never
         needs a rollout it did not save.
@@ -75,6 +80,30 @@ class StageSpec(BaseModel):
         on the main process (e.g. a merged copy of an adapter model).
     state: the class of the stage's own state (a context.StageState), created once per run as ctx.state.
 
+    The batch contract (training/batch.py): a micro-batch is either
+      * a dict of tensors, as `collate` returns it: the engine counts it with `loss_units(batch)` and
+        `token_counts(batch)` and hands the dict to `loss`; or
+      * a batch.CountedBatch, as a rollout may return it: its counts (loss units, loss-bearing and
+        input tokens) travel with it, and `loss` receives its `.tensors`. A stage whose rollout
+        returns only CountedBatch objects needs no `loss_units`.
+    The engine reads nothing else from a batch but the width of `input_ids` (for FLOPs per token).
+    The one key the engine adds is loader.ROW_INDEX on each row, for a stage that declares `row_index`.
+
+    Evaluation (`eval`, and a held-out set during training): what measuring a model of this stage
+    needs to know, declared here so that the evaluator names no stage.
+    record_keys: top-level keys of a record in this stage's data format, any one of which identifies
+        it (pretrain: "text"); `recognizes(record)` asks them, e.g. for `eval --stage auto`.
+    eval_overrides: config fields set while evaluating, e.g. the SFT family's augmentations off, so
+        that the data is measured as it is written.
+    eval_metrics: names of the loss's metrics that evaluation reports, each as its mean over the loss
+        units (a reward model's accuracy and margin); empty: a causal LM's next-token loss and
+        perplexity. `eval` runs `collate` and `loss` with no StageContext (ctx None), so it offers only
+        stages whose loss needs none; validation during training will have the run's.
+    units_name: what `loss_units` counts, as a plural noun (tokens, pairs); evaluation reports the
+        count of units under this name.
+    model_kind: what final/ holds, for the tools that load it: "causal_lm", or "reward_model" (a
+        sequence classifier with one output).
+
     Capabilities: options the engine applies only where the stage declares it can honour them; a run
     that sets one for a stage that does not is refused before anything is loaded.
     packable: rows may be packed (every column is per-token and aligned with input_ids).
@@ -82,8 +111,8 @@ class StageSpec(BaseModel):
         packed rows under `compile` get one shape).
     cross_entropy_variants: the loss computes its next-token cross-entropy with losses.causal_lm_loss,
         so `cross_entropy chunked|liger` applies.
-    row_index: rows reach collate with `_index`, their position in the data set (for per-row state
-        computed once, such as precomputed reference log-probabilities).
+    row_index: rows reach collate with loader.ROW_INDEX, their position in the data set (for per-row
+        state computed once, such as precomputed reference log-probabilities).
     record_positions: data preparation also tells the encoders where each record lies:
         `encode(record, tokenizer, cfg, position=p)` and `encode_batch(records, tokenizer, cfg, positions=[...])`,
         each a record_draws.RecordPosition (file index among --data_path, 1-based line), for per-record
@@ -100,7 +129,8 @@ class StageSpec(BaseModel):
     encode_batch: Callable[..., list] | None = None
     collate: Callable[..., dict]
     loss: Callable[..., Any]
-    loss_units: Callable[[dict], Any]
+    loss_units: Callable[[dict], Any] | None = None
+    token_counts: Callable[[dict], tuple[Any, Any]] | None = None
     check: Callable[..., Any] | None = None
     build_model: Callable[..., Any] | None = None
     setup: Callable[..., Any] | None = None
@@ -122,6 +152,11 @@ class StageSpec(BaseModel):
     # Columns of `encode`'s output that hold one value per row instead of token ids, with their
     # datasets dtype: {"margin": "float32"}, {"prompt": "string"} (e.g. JSON text).
     value_columns: dict[str, str] = {}
+    record_keys: tuple[str, ...] = ()
+    eval_overrides: dict[str, Any] = {}
+    eval_metrics: tuple[str, ...] = ()
+    units_name: str = "tokens"
+    model_kind: Literal["causal_lm", "reward_model"] = "causal_lm"
 
     @field_validator("config")
     @classmethod
@@ -136,6 +171,20 @@ class StageSpec(BaseModel):
         if not (isinstance(v, type) and issubclass(v, StageState)):
             raise ValueError("state must be a subclass of minimind_scale.StageState")
         return v
+
+    @model_validator(mode="after")
+    def _counted_and_evaluable(self):
+        if self.loss_units is None and self.rollout is None:
+            raise ValueError(f"stage '{self.name}': loss_units is required (only a stage whose rollout returns "
+                             "CountedBatch micro-batches may leave it out)")
+        unknown = sorted(set(self.eval_overrides) - set(self.config.model_fields))
+        if unknown:
+            raise ValueError(f"stage '{self.name}': eval_overrides names {unknown}, which its config does not have")
+        return self
+
+    def recognizes(self, record: Any) -> bool:
+        """Whether `record` (one parsed jsonl line) is in this stage's data format, by its `record_keys`."""
+        return isinstance(record, dict) and any(key in record for key in self.record_keys)
 
     def published_models(self, model) -> dict[str, Any]:
         """{subdirectory of final/ ('' for final/ itself): model} for the trained (unwrapped) module."""
