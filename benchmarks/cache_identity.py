@@ -80,7 +80,6 @@ def cases(tokenizers: dict[str, str]) -> list[tuple[str, str, str, int | None]]:
 
 def fingerprint_all(work: Path, num_proc: int, log=print) -> dict:
     from minimind_scale.data.prepare import prepare_dataset
-    from minimind_scale.inference.evaluate import AUGMENTATIONS_OFF
     from minimind_scale.models.build import load_tokenizer
     from minimind_scale.training.registry import discover, get_stage
 
@@ -102,7 +101,7 @@ def fingerprint_all(work: Path, num_proc: int, log=print) -> dict:
         if length is not None:
             fields["max_seq_len"] = length
         # The SFT augmentations at the settings that leave records as they are (their rows are today's).
-        fields.update({k: v for k, v in AUGMENTATIONS_OFF.items() if k in spec.config.model_fields})
+        fields.update(spec.eval_overrides)
         cfg = spec.config.model_validate(fields)
         t = time.perf_counter()
         _, unpacked, report = prepare_dataset(spec, cfg, tokenizers[tok_name], log=lambda *_: None)

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from minimind_scale.losses.policy import TokenLoss, register_policy_loss
+from minimind_scale import TokenLoss, register_policy_loss
 
 
 @register_policy_loss("reinforce", aggregation="token_mean")

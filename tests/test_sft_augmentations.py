@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED, reference_labels
-from minimind_scale.chat.conversation import encode_chat, normalize_messages, render_chat
+from minimind_scale.chat.encoding import encode_chat
 from minimind_scale.chat.markup import EMPTY_THINK
+from minimind_scale.chat.messages import normalize_messages
+from minimind_scale.chat.template import render_chat
 from minimind_scale.data.prepare import prepare_dataset
 from minimind_scale.data.sft_rows import SYSTEM_PROMPTS
 from minimind_scale.models.build import load_tokenizer

@@ -26,10 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from minimind_scale.chat.tool_calls import ParsedCall, parse_arguments
-
-# Transitional re-exports: the parsing moved to chat.tool_calls; agent/trajectory.py still imports these two here.
-from minimind_scale.chat.tool_calls import declared_tool_names as declared_tool_names
-from minimind_scale.chat.tool_calls import parse_tool_calls as parse_tool_calls
 from minimind_scale.errors import UserError
 
 WORKER = Path(__file__).with_name("tool_worker.py")

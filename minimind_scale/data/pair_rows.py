@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from minimind_scale.chat.conversation import encode_chats, normalize_messages
+from minimind_scale.chat.encoding import encode_chats
+from minimind_scale.chat.messages import normalize_messages
 from minimind_scale.data.batching import pad_collate, padded_length
 from minimind_scale.data.loader import ROW_INDEX
 from minimind_scale.data.rows import IGNORE_INDEX, NO_LOSS

@@ -13,8 +13,10 @@ from typing import Annotated
 
 from pydantic import Field
 
-from minimind_scale.chat.conversation import encode_chat, encode_chats, normalize_messages, render_chat
+from minimind_scale.chat.encoding import encode_chat, encode_chats
 from minimind_scale.chat.markup import EMPTY_THINK, THINK_OPEN
+from minimind_scale.chat.messages import normalize_messages
+from minimind_scale.chat.template import render_chat
 from minimind_scale.data.batching import pad_collate, padded_length
 from minimind_scale.data.record_draws import RecordPosition
 from minimind_scale.errors import RecordError

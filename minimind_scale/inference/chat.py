@@ -20,7 +20,6 @@ from minimind_scale.chat.markup import THINK_CLOSE, THINK_OPEN, THINK_PROMPT_OPE
 from minimind_scale.config import StrictConfig
 from minimind_scale.generation.interface import GenerationBackend, SamplingParams
 from minimind_scale.generation.registry import DEFAULT_BACKEND, BackendName, backend_for, load_backend
-from minimind_scale.inference.loading import load_chat_model as load_chat_model  # its old home, still imported here
 from minimind_scale.models.yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions
 
 # A template without thinking support leaves the model to write the (empty) block itself; its

@@ -24,10 +24,10 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from minimind_scale.config import StrictConfig
+from minimind_scale.errors import UserError
 
 # Still importable from here, where benchmarks/cache_identity.py reads it; eval itself asks spec.eval_overrides.
-from minimind_scale.data.sft_rows import AUGMENTATIONS_OFF as AUGMENTATIONS_OFF
-from minimind_scale.errors import UserError
+from minimind_scale.inference.loading import load_pretrained, pick_dtype
 from minimind_scale.models.yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions, load_config
 from minimind_scale.rl.reward_model import check_reward_model
 from minimind_scale.training import registry
@@ -87,10 +87,7 @@ def torch_dtype(dtype: str) -> torch.dtype:
     from minimind_scale.training.distributed import check_fp16_available
 
     check_fp16_available(dtype)
-    cuda = torch.cuda.is_available()
-    if dtype == "auto":
-        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return pick_dtype(dtype)
 
 
 def _batches(dataset, batch_size: int):
@@ -151,11 +148,7 @@ def load_model(cfg: EvalConfig, tokenizer, model_kind: str):
     reward = model_kind == "reward_model"
     auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     config = load_config(cfg.model, cfg.yarn_factor, cfg.yarn_original_max_position_embeddings)
-    try:
-        model = auto.from_pretrained(cfg.model, dtype=torch_dtype(cfg.dtype),
-                                     **({"config": config} if config is not None else {}))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{cfg.model}: the model failed to load ({type(e).__name__}: {e})") from None
+    model = load_pretrained(auto, cfg.model, torch_dtype(cfg.dtype), config)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(f"{cfg.model}: its vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller "
                         f"than the tokenizer's ({len(tokenizer)})")

@@ -30,7 +30,6 @@ def one_row_per_micro_batch(model, batches, cfg, ctx):
     for batch in batches:
         for i in range(batch["input_ids"].shape[0]):
             row = {k: batch[k][i:i + 1] for k in ("input_ids", "labels", "attention_mask")}
-            row["_tokens"] = row["attention_mask"].sum()
             micro.append(row)
     return micro
 
