@@ -110,7 +110,11 @@ def test_top_level_holds_the_cli_config_errors_and_api_only():
     assert len(top) <= 8, f"minimind_scale/ has {len(top)} top-level modules: {top}"
     packages = [p for p in (REPO / "minimind_scale").iterdir() if (p / "__init__.py").exists()]
     assert len(packages) >= 6, packages
+    import tomllib
+
+    shipped = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     for package in packages:
+        assert f"minimind_scale.{package.name}" in shipped, f"pyproject.toml does not ship {package.name}/"
         doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text()))
         assert doc and len(doc.split()) >= 4, f"{package}/__init__.py names no job in its docstring"
 
