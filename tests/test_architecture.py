@@ -175,3 +175,16 @@ def test_public_names_and_old_module_paths_import():
     from minimind_scale.models import build_model
 
     assert causal_lm_loss and count_label_tokens and build_model
+
+
+def test_readme_is_a_front_door_that_links_every_docs_page():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.encode()) <= 15_500, f"README.md is {len(readme.encode())} bytes: move detail into docs/"
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)(?:#[\w-]*)?\)", readme))
+    pages = {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")}
+    assert pages and not pages - linked, f"docs pages the README does not link: {sorted(pages - linked)}"
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.name} links {target}, which does not exist"
