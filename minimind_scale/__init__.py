@@ -34,7 +34,7 @@ _PUBLIC = {
     "padded_length": "minimind_scale.data.batching",
     "LossOutput": "minimind_scale.losses.causal_lm",
     "causal_lm_loss": "minimind_scale.losses.causal_lm",
-    "count_label_tokens": "minimind_scale.losses.causal_lm",
+    "count_label_tokens": "minimind_scale.data.batching",
     "token_logprobs": "minimind_scale.losses.causal_lm",
     # the batch contract of a rollout
     "CountedBatch": "minimind_scale.training.batch",
@@ -102,12 +102,12 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time the names load l
     from minimind_scale.chat.encoding import encode_chat
     from minimind_scale.chat.messages import normalize_messages
     from minimind_scale.config import LearningRate, TrainConfig
-    from minimind_scale.data.batching import forward_kwargs, pad_collate, padded_length
+    from minimind_scale.data.batching import count_label_tokens, forward_kwargs, pad_collate, padded_length
     from minimind_scale.data.rows import IGNORE_INDEX
     from minimind_scale.errors import RecordError, UserError
     from minimind_scale.generation.interface import Completions, GenerationBackend, SamplingParams
     from minimind_scale.generation.registry import register_backend
-    from minimind_scale.losses.causal_lm import LossOutput, causal_lm_loss, count_label_tokens, token_logprobs
+    from minimind_scale.losses.causal_lm import LossOutput, causal_lm_loss, token_logprobs
     from minimind_scale.losses.policy import TokenLoss, register_policy_loss
     from minimind_scale.training.batch import CountedBatch
     from minimind_scale.training.callbacks import Callback, register_callback

@@ -60,6 +60,9 @@ def _check_no_markers(text: str, field: str) -> None:
         if marker in text:
             raise RecordError(field, f"contains the chat control marker {marker!r}")
 
+# The record keys a conversation is read from, in order of preference: MiniMind's, then HF's.
+CONVERSATION_KEYS = ("conversations", "messages")
+
 
 def normalize_messages(record: dict, key: str | None = None,
                        require_assistant: bool = True) -> tuple[list[dict], list | None]:
@@ -73,11 +76,8 @@ def normalize_messages(record: dict, key: str | None = None,
     if not isinstance(record, dict):
         raise RecordError("record", f"must be a JSON object, got {type(record).__name__}")
     if key is None:
-        if "conversations" in record:
-            key = "conversations"
-        elif "messages" in record:
-            key = "messages"
-        else:
+        key = next((k for k in CONVERSATION_KEYS if k in record), None)
+        if key is None:
             raise RecordError("conversations", "missing (the record has neither 'conversations' nor 'messages')")
     elif key not in record:
         raise RecordError(key, "missing")

@@ -1,4 +1,4 @@
-"""jsonl → tokenised, memory-mapped Arrow data sets, built once per content and cached (datacache.py).
+"""jsonl → tokenised, memory-mapped Arrow data sets, built once per content and cached (data/cache.py).
 
 Every line is parsed, validated and encoded inside ``datasets.map`` worker processes, a batch of lines
 at a time: through the stage's ``encode_batch`` when it has one, else ``encode`` record by record. A bad

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from minimind_scale.chat.encoding import encode_chat, encode_chats
 from minimind_scale.chat.markup import EMPTY_THINK, THINK_OPEN
-from minimind_scale.chat.messages import normalize_messages
+from minimind_scale.chat.messages import CONVERSATION_KEYS, normalize_messages
 from minimind_scale.chat.template import render_chat
 from minimind_scale.data.batching import pad_collate, padded_length
 from minimind_scale.data.record_draws import RecordPosition
@@ -31,8 +31,8 @@ EmptyThinkRatio = Annotated[float, Field(
 AUGMENTATION_FIELDS = ("add_system_ratio", "empty_think_ratio", "seed")
 # The ratios at which the augmentations leave every record as it is written (for measuring, not training).
 AUGMENTATIONS_OFF = {"add_system_ratio": 0.0, "empty_think_ratio": 1.0}
-# The record keys a conversation is read from (chat.conversation.normalize_messages), either one.
-RECORD_KEYS = ("conversations", "messages")
+# The record keys a conversation is read from (chat.messages.normalize_messages), either one.
+RECORD_KEYS = CONVERSATION_KEYS
 
 SYSTEM_PROMPTS = (
     "你是一个乐于助人、回答准确的智能助手。",

@@ -59,7 +59,7 @@ def forward_loss_sum(model, batch: dict, cfg):
                 max_tokens=cfg.batch_size * cfg.max_seq_len)
     if out.logits is not None:
         # The plain forward ran (with a mean loss): nothing bound the loss-only variant.
-        raise RuntimeError(f"cross_entropy {cfg.cross_entropy} needs chunked_loss.enable_loss_forward(model) "
+        raise RuntimeError(f"cross_entropy {cfg.cross_entropy} needs losses.chunked.enable_loss_forward(model) "
                            "before accelerator.prepare")
     return out
 

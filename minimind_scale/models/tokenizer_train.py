@@ -33,6 +33,7 @@ from minimind_scale.chat.markup import (
     TURN_END,
     TURN_START,
 )
+from minimind_scale.chat.messages import CONVERSATION_KEYS
 from minimind_scale.chat.template import CHAT_TEMPLATE
 from minimind_scale.config import StrictConfig
 from minimind_scale.errors import UserError
@@ -101,7 +102,7 @@ def _record_texts(record: object) -> Iterator[str]:
     text = record.get("text")
     if isinstance(text, str):
         yield text
-    for key in ("conversations", "messages"):
+    for key in CONVERSATION_KEYS:
         turns = record.get(key)
         if not isinstance(turns, list):
             continue

@@ -60,7 +60,7 @@ def _plain_prompt(record: dict) -> tuple[list[dict], list | None, dict]:
 
 def encode_batch(records: list[dict], tokenizer, cfg, prompt_of=_plain_prompt) -> list[dict | RecordError]:
     """`encode` of each record, or the RecordError it raises for it (returned, not raised): the valid
-    prompts rendered and tokenised in one call (conversation.encode_prompts), each with its own
+    prompts rendered and tokenised in one call (chat.encoding.encode_prompts), each with its own
     open_thinking. `prompt_of(record)` -> (messages, tools, extra reward columns)."""
     out: list = [None] * len(records)
     parts, where = [], []
