@@ -6,12 +6,13 @@ Every problem found is reported at once, each naming where the bad value came fr
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from minimind_scale.errors import UserError
 
@@ -96,6 +97,62 @@ class TrainConfig(StrictConfig):
     compile: bool = Field(False, description="torch.compile the model")
     plugin: list[str] = Field(default_factory=list, description="stage plugin files to load before the stage is "
                               "looked up (with --config, the file's list is loaded too; also $MINIMIND_SCALE_PLUGINS)")
+    # What the run trains on (data/selection.py) and how it is watched (training/evaluation.py).
+    max_samples: list[int] = Field(default_factory=list, description="cap each data file at this many records, "
+                                   "a seeded random subset (one value for every file, or one per file)")
+    data_weights: list[float] = Field(default_factory=list, description="one weight per data file: an epoch draws "
+                                      "as many records as the files hold, file i giving its share, over-sampling a "
+                                      "file that runs out (weights count records, not tokens)")
+    val_size: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                   description="hold out this share (< 1) or count (>= 1) of the training records "
+                                   "as the evaluation set 'val', from every file in proportion")
+    eval_data_path: list[str] = Field(default_factory=list, description="evaluation sets, each [NAME=]FILE (name "
+                                      "default: the file's stem), in the stage's format or {\"text\"} for a "
+                                      "causal-LM stage")
+    eval_interval: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (default: at every "
+                                      "checkpoint and at the end)")
+    eval_batch_size: int | None = Field(None, ge=1, description="rows per evaluation batch (default: batch_size)")
+    save_best_metric: str | None = Field(None, description="keep out_dir/best/ for the best value of this "
+                                         "evaluation metric, e.g. eval/val/loss")
+    save_best_mode: Literal["auto", "min", "max"] = Field(
+        "auto", description="auto = min for metrics ending in loss, ppl or kl, else max")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many evaluations without "
+                                                "an improvement of the monitored metric (save_best_metric, default "
+                                                "the first evaluation set's loss, or reward)")
+    early_stopping_threshold: float = Field(0.0, ge=0, description="the least change that counts as an improvement")
+
+    @model_validator(mode="after")
+    def _data_mixture_matches_files(self):
+        problems = [p for p in (self._weights_problem(), self._caps_problem(), self._held_out_problem()) if p]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _weights_problem(self) -> str | None:
+        n, weights = len(self.data_path), self.data_weights
+        if not weights:
+            return None
+        if len(weights) != n:
+            return f"data_weights has {len(weights)} values for {n} data file(s) (give one weight per --data_path file)"
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
+            return f"data_weights must be finite and >= 0 with at least one > 0, got {weights}"
+        return None
+
+    def _caps_problem(self) -> str | None:
+        n, caps = len(self.data_path), self.max_samples
+        if caps and len(caps) not in (1, n):
+            return f"max_samples has {len(caps)} values for {n} data file(s) (give one for every file, or one per file)"
+        if any(c < 1 for c in caps):
+            return f"max_samples must be >= 1, got {caps}"
+        return None
+
+    def _held_out_problem(self) -> str | None:
+        if self.val_size is not None and self.val_size >= 1 and not float(self.val_size).is_integer():
+            return f"val_size {self.val_size:g}: a count (>= 1) is a whole number of records; a share is < 1"
+        for option in ("early_stopping_patience", "save_best_metric"):
+            if getattr(self, option) is not None and not (self.eval_data_path or self.val_size):
+                return f"{option} needs an evaluation set: give --val_size or --eval_data_path"
+        return None
 
 
 # --------------------------------------------------------------------------- parsing
@@ -232,7 +289,10 @@ def build_config(cls: type[BaseModel], flags: dict[str, Any], yaml_path: str | N
         cfg = cls(**known)
     except ValidationError as e:
         for err in e.errors():
-            key = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:  # a rule across fields (a model validator): its message names them
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
+            key = str(err["loc"][0])
             loc = ".".join(str(x) for x in err["loc"])
             got = known.get(key, "<missing>")
             problems.append(f"{origin.get(key, 'config')}: field '{loc}': {err['msg']} (got {got!r})")

@@ -11,7 +11,8 @@ the record's `tools` and `gt` as columns), then GRPO's group advantages and loss
 This file holds what is the agent's own: its options, the data mapping, the tool box, and how a group is
 produced and scored (playing trajectories). The GRPO family's options (rl/config.py), state and setup
 (rl/state.py), the sample -> score -> collect path (rl/rollout.py), the group rollout and the loss
-(rl/grpo.py) are the online-RL library's, shared with the grpo stage.
+(rl/grpo.py) are the online-RL library's, shared with the grpo stage, and so is validation on held-out
+tasks (rl/evaluation.py), to which this stage adds the tool-task pass rate.
 """
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ from typing import ClassVar
 from pydantic import Field
 
 from minimind_scale import StageSpec, register_stage
-from minimind_scale.agent.records import agent_prompt
+from minimind_scale.agent.records import agent_prompt, task_passed
 from minimind_scale.agent.tools import ToolBox, load_tools
-from minimind_scale.agent.trajectory import run_trajectories
+from minimind_scale.agent.trajectory import Trajectories, run_trajectories
 from minimind_scale.chat.encoding import encode_prompt
 from minimind_scale.chat.markup import TURN_END
 from minimind_scale.config import OutDir
 from minimind_scale.rl import prompts as prompt_rows
 from minimind_scale.rl.config import GRPOFamilyConfig
+from minimind_scale.rl.evaluation import EVAL_SAMPLES, evaluate_with, reward_metric_names
 from minimind_scale.rl.grpo import group_rollout, loss, steps_per_rollout
 from minimind_scale.rl.rollout import ScoredBatch
 from minimind_scale.rl.scoring import check_rewards, generated_ids, group_columns
@@ -101,25 +103,35 @@ def rollout(model, batches: list[dict], cfg, ctx) -> Rollout:
 
 
 def play_and_score(model, batch: dict, cfg, ctx) -> ScoredBatch:
-    """num_generations trajectories per prompt of one loader batch, scored: the reward functions read the
-    trajectory's messages, the reward model its final answer."""
-    g = cfg.num_generations
+    """num_generations trajectories per prompt of one loader batch, scored, with the trajectory metrics."""
+    played = play(model, batch, cfg, ctx, cfg.num_generations)
+    return score(played, batch, ctx, cfg.num_generations, trajectory_metrics(played))
+
+
+def play(model, batch: dict, cfg, ctx, num_samples: int) -> Trajectories:
+    """`num_samples` trajectories per prompt of one loader batch, sampled with the stage's options."""
     tools = [c.get("tools") for c in batch["columns"]]
-    played = run_trajectories(model, ctx.tokenizer, batch["prompts"], tools, ctx.state.toolbox, num_samples=g,
-                              max_turns=cfg.max_turns, max_new_tokens=cfg.max_gen_len, do_sample=True,
-                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                              open_thinking=[prompt_rows.thinking_open(m, cfg) for m in batch["prompts"]],
-                              end_id=ctx.tokenizer.convert_tokens_to_ids(TURN_END),
-                              pad_id=ctx.tokenizer.pad_token_id, backend=ctx.state.generator)
+    return run_trajectories(model, ctx.tokenizer, batch["prompts"], tools, ctx.state.toolbox, num_samples=num_samples,
+                            max_turns=cfg.max_turns, max_new_tokens=cfg.max_gen_len, do_sample=True,
+                            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            open_thinking=[prompt_rows.thinking_open(m, cfg) for m in batch["prompts"]],
+                            end_id=ctx.tokenizer.convert_tokens_to_ids(TURN_END),
+                            pad_id=ctx.tokenizer.pad_token_id, backend=ctx.state.generator)
+
+
+def score(played: Trajectories, batch: dict, ctx, num_samples: int,
+          metrics: dict[str, tuple[float, float]]) -> ScoredBatch:
+    """Trajectories (`num_samples` per prompt of `batch`) scored: the reward functions read each trajectory's
+    messages, the reward model its final answer; `metrics` are the producer's own (sum, count)."""
     started = time.perf_counter()
     samples = played.samples
-    prompts, columns = group_columns(batch, g)
+    prompts, columns = group_columns(batch, num_samples)
     columns.update(played.columns())
     rewards, per_function = ctx.state.scorer(prompts, played.messages, generated_ids(samples), played.final_answer,
                                              columns)
     texts = [json.dumps(m, ensure_ascii=False) for m in played.messages]
     return ScoredBatch(samples, rewards, per_function, prompts, texts, reward_sec=time.perf_counter() - started,
-                       metrics=trajectory_metrics(played))
+                       metrics=metrics)
 
 
 def trajectory_metrics(played) -> dict[str, tuple[float, float]]:
@@ -130,6 +142,30 @@ def trajectory_metrics(played) -> dict[str, tuple[float, float]]:
     executed = float(sum(len(r) for r in played.tool_results))
     return {"tool_calls_per_sample": (calls, n), "tool_failure_ratio": (float(sum(played.tool_failures)), executed),
             "turns_per_sample": (float(sum(played.turns)), n), "unfinished_ratio": (float(sum(played.unfinished)), n)}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def evaluate(model, batch: dict, cfg, ctx) -> dict[str, tuple[float, float]]:
+    """The reward metrics of one trajectory per held-out task, and `pass_rate`: the share of the tasks with a
+    gt whose trajectory passes (agent.records.task_passed, the rule `eval-tools` counts by: finished, and
+    every gt item in the final answer). Tasks without gt have nothing to pass and are not counted."""
+    return evaluate_with(model, batch, cfg, ctx, play_one_and_grade)
+
+
+def eval_metric_names(cfg) -> list[str]:
+    """What `evaluate` reports: the online stages' reward metrics, then pass_rate."""
+    return [*reward_metric_names(cfg), "pass_rate"]
+
+
+def play_one_and_grade(model, batch: dict, cfg, ctx) -> ScoredBatch:
+    """EVAL_SAMPLES trajectory per task of a held-out batch, scored, with (tasks passed, tasks with a gt)."""
+    played = play(model, batch, cfg, ctx, EVAL_SAMPLES)
+    verdicts = [task_passed(answer, unfinished, c.get("gt")) for answer, unfinished, c in
+                zip(played.final_answer, played.unfinished, batch["columns"])]
+    graded = [v for v in verdicts if v is not None]
+    return score(played, batch, ctx, EVAL_SAMPLES, {"pass_rate": (float(sum(graded)), float(len(graded)))})
 
 
 SPEC = register_stage(StageSpec(
@@ -144,6 +180,8 @@ SPEC = register_stage(StageSpec(
     setup=setup,
     rollout=rollout,
     steps_per_rollout=steps_per_rollout,
+    evaluate=evaluate,
+    eval_metric_names=eval_metric_names,
     state=AgentState,
     packable=False,
     value_columns=prompt_rows.VALUE_COLUMNS,

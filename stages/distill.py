@@ -151,6 +151,7 @@ SPEC = register_stage(StageSpec(
     fixed_length=True,
     record_positions=True,
     data_fields=sft_rows.AUGMENTATION_FIELDS,
+    perplexity_of="ce_loss",
     record_keys=sft_rows.RECORD_KEYS,
     eval_overrides=sft_rows.AUGMENTATIONS_OFF,
 ))

@@ -11,10 +11,11 @@ import gc
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import pyarrow as pa
 import torch
 from pydantic import Field
 
@@ -56,10 +57,12 @@ class DPOConfig(TrainConfig):
 @dataclass
 class DPOState(StageState):
     """The frozen reference: a model scored on every batch, or with precompute_ref its log-probs for
-    every row ([rows, 2]: chosen, rejected), computed once in setup."""
+    every row ([rows, 2]: chosen, rejected), computed once in setup: `ref_logps` for the training rows,
+    `eval_ref_logps[name]` for each held-out set's rows (a batch's ROW_INDEX counts rows within its set)."""
 
     ref_model: torch.nn.Module | None = None
     ref_logps: torch.Tensor | None = None
+    eval_ref_logps: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -87,40 +90,56 @@ def load_reference(model, cfg, ctx):
     return ref.to(ctx.accelerator.device)
 
 
-def reference_cache_file(cfg, ctx) -> Path | None:
+def reference_cache_file(cfg, rows, held_out: bool, precision: str) -> Path | None:
     """Next to the tokenised data set (whose directory name already keys the data, tokenizer and
     max_seq_len), named by the reference weights and the precision; None when the reference is a
-    preset's random initialisation, which is not worth caching."""
+    preset's random initialisation, which is not worth caching. A held-out set's name also carries a
+    digest of its rows: `val` is a selection from the training set's directory, so that directory alone
+    does not say which rows it holds."""
     source = cfg.ref_model or cfg.model
     weights = sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin"))
-    files = ctx.dataset.cache_files
+    files = rows.cache_files
     if not is_model_dir(source) or not weights or not files:
         return None
-    key = hashlib.sha256(json.dumps({
+    identity = {
         "weights": [file_fingerprint(p, fingerprint_dir(cfg)) for p in weights],
-        "precision": ctx.accelerator.mixed_precision,
-        "rows": len(ctx.dataset),
-    }).encode()).hexdigest()[:20]
+        "precision": precision,
+        "rows": len(rows),
+    }
+    if held_out:
+        identity["content"] = rows_digest(rows)
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:20]
     return Path(files[0]["filename"]).parent / f"dpo_ref_logps-{key}.pt"
 
 
-def precompute_reference(ref, cfg, ctx) -> torch.Tensor:
-    """[rows, 2] reference log-probs (chosen, rejected) for every row of the data set.
+def rows_digest(rows) -> str:
+    """sha256 of the rows' contents (every column, in order), as Arrow's stream format writes them."""
+    table = rows.with_format("arrow")[0:len(rows)]
+    # Taken afresh into one chunk: the same rows then have the same buffers however they were selected.
+    table = table.take(pa.array(range(len(table)))).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue()).hexdigest()
+
+
+def precompute_reference(ref, rows, cfg, ctx, what: str) -> torch.Tensor:
+    """[rows, 2] reference log-probs (chosen, rejected) for every row of `rows` (`what` names them).
 
     Rank r scores rows r, r+W, r+2W, ... and an all-gather assembles the table, so the one-off cost
     is divided among the processes and every rank ends with the whole table (the training sampler
     may hand any row to any rank in later epochs).
     """
-    acc, dataset = ctx.accelerator, ctx.dataset
-    world, rank, n = acc.num_processes, acc.process_index, len(ctx.dataset)
+    acc = ctx.accelerator
+    world, rank, n = acc.num_processes, acc.process_index, len(rows)
     per_rank = -(-n // world)
     mine = torch.zeros(per_rank, 2, dtype=torch.float32, device=acc.device)
     indices = list(range(rank, n, world))
     if acc.is_main_process:
-        print(f"[dpo] precomputing reference log-probs for {n} pairs")
+        print(f"[dpo] precomputing reference log-probs for {n} pairs{what}")
     for start in range(0, len(indices), cfg.batch_size):
         chunk = indices[start:start + cfg.batch_size]
-        batch = pair_rows.collate([dataset[i] for i in chunk], ctx.tokenizer, cfg)
+        batch = pair_rows.collate([rows[i] for i in chunk], ctx.tokenizer, cfg)
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         chosen, rejected = split_pairs(reference_logps(ref, batch, acc))
         mine[start:start + len(chunk)] = torch.stack([chosen, rejected], dim=1).float()
@@ -129,35 +148,64 @@ def precompute_reference(ref, cfg, ctx) -> torch.Tensor:
     return gathered.view(world, per_rank, 2).transpose(0, 1).reshape(world * per_rank, 2)[:n].cpu()
 
 
+def cached_everywhere(caches: list[Path | None], acc) -> list[bool]:
+    """For each cache file, whether every rank has it. Every rank must take the same branch per table, or
+    the ranks that compute would wait forever in the gather."""
+    have = torch.tensor([float(c is not None and c.is_file()) for c in caches], device=acc.device)
+    total = acc.reduce(have, reduction="sum") if acc.num_processes > 1 else have
+    return [float(t) == acc.num_processes for t in total]
+
+
+def save_table(table: torch.Tensor, cache: Path | None, acc) -> None:
+    """Publish a reference table to its cache file under one rename (one writer per machine)."""
+    if cache is not None and acc.is_local_main_process:
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        torch.save(table, tmp)
+        os.replace(tmp, cache)
+
+
 def setup(model, cfg, ctx):
+    """The reference: loaded and kept, or (precompute_ref) its log-probs for the training rows and every
+    held-out set, read from the cache where every rank has them, computed otherwise, and the model freed."""
     acc = ctx.accelerator
     if not cfg.precompute_ref:
         ctx.state.ref_model = load_reference(model, cfg, ctx)
         return model
-    cache = reference_cache_file(cfg, ctx)
-    have = torch.tensor([float(cache is not None and cache.is_file())], device=acc.device)
-    # Every rank must take the same branch, or the ranks that compute would wait forever in the gather.
-    if float(acc.reduce(have, reduction="sum") if acc.num_processes > 1 else have) == acc.num_processes:
-        ctx.state.ref_logps = torch.load(cache)
-        if acc.is_main_process:
-            print(f"[dpo] using cached reference log-probs {cache}")
-        return model
-    ref = load_reference(model, cfg, ctx)
-    ctx.state.ref_logps = precompute_reference(ref, cfg, ctx)
+    sets = [(None, ctx.dataset), *ctx.eval_sets.items()]
+    caches = [reference_cache_file(cfg, rows, name is not None, acc.mixed_precision) for name, rows in sets]
+    ref, tables = None, []
+    for (name, rows), cache, cached in zip(sets, caches, cached_everywhere(caches, acc)):
+        what = "" if name is None else f" of evaluation set '{name}'"
+        if cached:
+            tables.append(torch.load(cache))
+            if acc.is_main_process:
+                print(f"[dpo] using cached reference log-probs{what} {cache}")
+            continue
+        if ref is None:
+            ref = load_reference(model, cfg, ctx)
+        tables.append(precompute_reference(ref, rows, cfg, ctx, what))
+        save_table(tables[-1], cache, acc)
     del ref
     gc.collect()
-    if cache is not None and acc.is_local_main_process:
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        torch.save(ctx.state.ref_logps, tmp)
-        os.replace(tmp, cache)
+    ctx.state.ref_logps = tables[0]
+    ctx.state.eval_ref_logps = dict(zip(ctx.eval_sets, tables[1:]))
     return model
+
+
+def reference_table(ctx) -> torch.Tensor | None:
+    """The precomputed reference log-probs of the rows being measured: the training set's, or while
+    evaluating the held-out set's; None when the reference model scores each batch instead."""
+    if ctx.evaluating is not None and ctx.state.ref_logps is not None:
+        return ctx.state.eval_ref_logps[ctx.evaluating]
+    return ctx.state.ref_logps
 
 
 def loss(model, batch: dict, cfg, ctx) -> LossOutput:
     logps = sequence_logprobs(forward_logits(model, batch).logits, batch["labels"])
     policy_chosen, policy_rejected = split_pairs(logps)
-    if ctx.state.ref_logps is not None:
-        ref = ctx.state.ref_logps[batch[ROW_INDEX].cpu()].to(logps.device)
+    table = reference_table(ctx)
+    if table is not None:
+        ref = table[batch[ROW_INDEX].cpu()].to(logps.device)
         ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
     else:
         ref_chosen, ref_rejected = split_pairs(reference_logps(ctx.state.ref_model, batch, ctx.accelerator))

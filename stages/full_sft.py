@@ -44,6 +44,7 @@ SPEC = register_stage(StageSpec(
     cross_entropy_variants=True,
     record_positions=True,
     data_fields=sft_rows.AUGMENTATION_FIELDS,
+    perplexity_of="loss",
     record_keys=sft_rows.RECORD_KEYS,
     eval_overrides=sft_rows.AUGMENTATIONS_OFF,
 ))

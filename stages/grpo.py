@@ -6,7 +6,8 @@ This file holds only what is grpo's own: its defaults, and how a group is produc
 single-turn samples per prompt). The rest is the online-RL library: the options in rl/config.py
 (GRPOFamilyConfig), the reward scorer and frozen reference in rl/state.py, the sample -> score ->
 collect path in rl/rollout.py, the group rollout and the loss in rl/grpo.py, the loss types
-(objective x aggregation) in losses/policy.py. The data mapping is rl/prompts.py's.
+(objective x aggregation) in losses/policy.py. The data mapping is rl/prompts.py's; validation on held-out
+prompts (one sampled completion each, scored as in training) is rl/evaluation.py's.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from minimind_scale import StageSpec, register_stage
 from minimind_scale.config import OutDir
 from minimind_scale.rl import prompts as prompt_rows
 from minimind_scale.rl.config import GRPOFamilyConfig
+from minimind_scale.rl.evaluation import evaluate_prompts, reward_metric_names
 from minimind_scale.rl.grpo import group_rollout, loss, steps_per_rollout
 from minimind_scale.rl.rollout import ScoredBatch, sample_and_score
 from minimind_scale.rl.scoring import check_rewards
@@ -55,6 +57,8 @@ SPEC = register_stage(StageSpec(
     setup=setup,
     rollout=rollout,
     steps_per_rollout=steps_per_rollout,
+    evaluate=evaluate_prompts,
+    eval_metric_names=reward_metric_names,
     state=OnlineRLState,
     packable=False,
     value_columns=prompt_rows.VALUE_COLUMNS,

@@ -28,6 +28,7 @@ from minimind_scale.models.build import PRESETS, build_model, preset_config
 from minimind_scale.rl import prompts as prompt_rows
 from minimind_scale.rl.actor_critic import ActorCritic, build_critic
 from minimind_scale.rl.config import OnlineRLConfig
+from minimind_scale.rl.evaluation import evaluate_prompts, reward_metric_names
 from minimind_scale.rl.rollout import ScoredBatch, collect, counted_batch, sample_and_score
 from minimind_scale.rl.sampling import Samples, concat_samples, logprobs_from_logits, position_ids_from_mask
 from minimind_scale.rl.scoring import check_rewards
@@ -208,6 +209,14 @@ def stop_reusing(metrics: dict[str, float], cfg) -> bool:
     return cfg.target_kl is not None and metrics.get("approx_kl", 0.0) > cfg.target_kl
 
 
+# --------------------------------------------------------------------------- validation
+
+
+def evaluate(model, batch: dict, cfg, ctx) -> dict[str, tuple[float, float]]:
+    """The policy's reward metrics on a held-out batch, one completion per prompt (the critic is not measured)."""
+    return evaluate_prompts(model.actor, batch, cfg, ctx)
+
+
 SPEC = register_stage(StageSpec(
     name="ppo",
     help="online RL with a critic (GAE, clipped policy and value losses, KL to a reference)",
@@ -222,6 +231,8 @@ SPEC = register_stage(StageSpec(
     rollout=rollout,
     steps_per_rollout=steps_per_rollout,
     stop_reusing=stop_reusing,
+    evaluate=evaluate,
+    eval_metric_names=reward_metric_names,
     learning_rates=lambda cfg: {"critic.": cfg.critic_learning_rate},
     final_models=lambda model: {"": model.actor, "critic": model.critic},
     state=OnlineRLState,

@@ -2,6 +2,7 @@
 from minimind_scale import StageSpec, TrainConfig, register_stage
 from minimind_scale.config import AccumulationSteps, BatchSize, OutDir, Packing
 from minimind_scale.data.batching import pad_collate, padded_length
+from minimind_scale.data.text_rows import TEXT_KEY, encode_text, encode_texts, record_text
 from minimind_scale.errors import RecordError
 from minimind_scale.losses.causal_lm import causal_lm_loss, count_label_tokens
 
@@ -15,24 +16,9 @@ class PretrainConfig(TrainConfig):
     out_dir: OutDir = "out/pretrain"
 
 
-def record_text(record: dict) -> str:
-    text = record.get("text")
-    if text is None:
-        raise RecordError("text", "missing (a pretraining record is {\"text\": \"...\"})")
-    if not isinstance(text, str) or not text.strip():
-        raise RecordError("text", "must be a non-empty string")
-    return text
-
-
-def _row(ids: list[int], bos: int, eos: int, max_seq_len: int) -> dict:
-    ids = ([bos] + ids + [eos])[:max_seq_len]
-    return {"input_ids": ids, "labels": list(ids)}
-
-
 def encode(record: dict, tokenizer, cfg) -> dict:
-    text = record_text(record)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return _row(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, cfg.max_seq_len)
+    """One pretraining record as a row, a label on every token (data/text_rows.py)."""
+    return encode_text(record_text(record), tokenizer, cfg.max_seq_len)
 
 
 def encode_batch(records: list[dict], tokenizer, cfg) -> list[dict | RecordError]:
@@ -45,11 +31,8 @@ def encode_batch(records: list[dict], tokenizer, cfg) -> list[dict | RecordError
             where.append(i)
         except RecordError as e:
             out[i] = e
-    if texts:
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        batch = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
-        for i, ids in zip(where, batch["input_ids"]):
-            out[i] = _row(ids, bos, eos, cfg.max_seq_len)
+    for i, row in zip(where, encode_texts(texts, tokenizer, cfg.max_seq_len)):
+        out[i] = row
     return out
 
 
@@ -68,5 +51,6 @@ SPEC = register_stage(StageSpec(
     loss_units=count_label_tokens,
     fixed_length=True,
     cross_entropy_variants=True,
-    record_keys=("text",),
+    perplexity_of="loss",
+    record_keys=(TEXT_KEY,),
 ))

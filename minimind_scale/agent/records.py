@@ -3,7 +3,8 @@
 A record is `{"conversations": [system turn with "tools", user turn(s), optional trailing assistant
 turn], "gt": [...]}`; the tools are a list of OpenAI function schemas or the JSON text of one (on the
 system turn, or at the record's top level), the trailing assistant turn (MiniMind's files carry a
-placeholder) is dropped, and `gt` holds the values a correct final answer contains.
+placeholder) is dropped, and `gt` holds the values a correct final answer contains. `task_passed` says
+whether a played task is solved.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from minimind_scale.chat.messages import normalize_messages
 from minimind_scale.errors import RecordError, UserError
+from minimind_scale.rl.reward_builtins import accuracy
 
 
 def _ground_truth(value) -> list:
@@ -79,3 +81,11 @@ def read_agent_tasks(path: str | Path, require_gt: bool = False) -> list[AgentTa
     if not tasks:
         raise UserError(f"{path}: no task (the file has no non-blank line)")
     return tasks
+
+
+def task_passed(final_answer: str, unfinished: bool, gt: list) -> bool | None:
+    """Whether a played task is solved: its trajectory finished (no call left pending, no turn cut by the
+    length limit) and every `gt` item appears in its final answer, by the `accuracy` reward's matching.
+    None for a task without gt, which has nothing to check."""
+    correct = accuracy(None, [final_answer], gt=[gt])[0]
+    return None if correct is None else correct == 1.0 and not unfinished

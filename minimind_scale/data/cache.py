@@ -23,7 +23,7 @@ from pathlib import Path
 import datasets
 
 # Bump when the cached layout or the encoding wrapper changes, so stale caches are never reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Data sets larger than this are copied into the cache by a helper process (see save_to_cache).
 SAVE_IN_HELPER_BYTES = 256 << 20
 

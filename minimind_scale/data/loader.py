@@ -85,13 +85,35 @@ class IndexedRows(torch.utils.data.Dataset):
         return {**self.dataset[int(i)], ROW_INDEX: int(i)}
 
 
+class PlannedSampler(torch.utils.data.Sampler):
+    """An EpochSampler over the positions of a plan (data set row numbers, possibly repeated: a data
+    selection's epoch), yielding the row numbers: the epoch's rows shuffled exactly as a data set of
+    that many rows would be."""
+
+    def __init__(self, positions: EpochSampler, plan: np.ndarray):
+        self.positions, self.plan = positions, np.asarray(plan, dtype=np.int64)
+
+    def __iter__(self):
+        return (int(self.plan[i]) for i in self.positions)
+
+    def __len__(self):
+        return len(self.positions)
+
+
 def make_loader(dataset, collate, batch_size: int, world: int, rank: int, seed: int, epoch: int,
                 skip_batches: int = 0, shuffle: bool = True, num_workers: int = 0,
-                lengths: np.ndarray | None = None, with_index: bool = False):
+                lengths: np.ndarray | None = None, with_index: bool = False, plan: np.ndarray | None = None):
     """`lengths` (see rows.row_lengths) switches to length-grouped batches; `with_index` gives every row
-    its position in the data set as ROW_INDEX (a StageSpec's `row_index`)."""
-    sampler = EpochSampler(dataset, world, rank, seed, epoch, skip=skip_batches * batch_size, shuffle=shuffle,
-                           lengths=lengths, batch_size=batch_size)
+    its position in the data set as ROW_INDEX (a StageSpec's `row_index`); `plan`, the row numbers this
+    epoch reads (default: every row once)."""
+    if plan is None:
+        sampler = EpochSampler(dataset, world, rank, seed, epoch, skip=skip_batches * batch_size, shuffle=shuffle,
+                               lengths=lengths, batch_size=batch_size)
+    else:
+        positions = EpochSampler(range(len(plan)), world, rank, seed, epoch, skip=skip_batches * batch_size,
+                                 shuffle=shuffle, lengths=None if lengths is None else lengths[plan],
+                                 batch_size=batch_size)
+        sampler = PlannedSampler(positions, plan)
     # Its own generator: an iterator otherwise draws its workers' base seed from the global RNG, so a resumed
     # run (which starts a fresh iterator mid-epoch) would shift every later draw, sampling included.
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

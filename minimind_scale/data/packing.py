@@ -13,6 +13,7 @@ unpacked, that token is never a prediction target (nothing precedes it), while p
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 import shutil
@@ -257,23 +258,38 @@ def pack_dataset(dataset: datasets.Dataset, max_seq_len: int, num_proc: int = 1,
     return packed, report
 
 
-def prepare_packed(spec, cfg, unpacked_dir: Path, is_local_main: bool = True, log=print) -> datasets.Dataset:
-    """The packed variant of the cached data set in `unpacked_dir`, cached beside it as `<dir>-packed`.
+def prepare_packed(spec, cfg, unpacked_dir: Path, is_local_main: bool = True, log=print,
+                   rows: np.ndarray | None = None) -> datasets.Dataset:
+    """The packed variant of the cached data set in `unpacked_dir`, cached beside it as `<dir>-packed`;
+    with `rows`, of those rows only, in that order (an epoch of a data selection), cached as
+    `<dir>-packed-<hash of rows>`.
 
     Built once, like the unpacked cache; other local ranks wait for it on the file system.
     """
-    target = unpacked_dir.with_name(unpacked_dir.name + "-packed")
-    publish_once(target, lambda staging: _build_packed(spec, cfg, unpacked_dir, staging),
+    suffix = "-packed" if rows is None else f"-packed-{_rows_key(rows)}"
+    target = unpacked_dir.with_name(unpacked_dir.name + suffix)
+    publish_once(target, lambda staging: _build_packed(spec, cfg, unpacked_dir, staging, rows),
                  is_complete=lambda t: (t / REPORT_FILE).is_file(), builder=is_local_main)
     report = PackingReport(**json.loads((target / REPORT_FILE).read_text()))
     log(f"{report.summary()} -> {target}")
     return datasets.load_from_disk(str(target))
 
 
-def _build_packed(spec, cfg, unpacked_dir: Path, staging: Path) -> None:
+def _rows_key(rows: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def packed_row_count(lengths: np.ndarray, max_seq_len: int) -> int:
+    """How many packed rows the samples of these lengths make (the plan alone, nothing materialised)."""
+    return len(best_fit_decreasing(lengths, max_seq_len))
+
+
+def _build_packed(spec, cfg, unpacked_dir: Path, staging: Path, rows: np.ndarray | None = None) -> None:
     scratch = fresh_dir(staging.with_name(staging.name + "-work"))
     try:
         source = datasets.load_from_disk(str(unpacked_dir))
+        if rows is not None:
+            source = source.select(rows)
         with datasets_progress(True):
             packed, report = pack_dataset(source, cfg.max_seq_len, cfg.num_proc, cache_file=str(scratch / "rows.arrow"))
         with datasets_progress(False):

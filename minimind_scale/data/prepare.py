@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -32,6 +32,8 @@ from minimind_scale.errors import RecordError, UserError
 MAX_REPORTED_ERRORS = 10
 # Written last into a finished cache entry: its presence means the entry is complete.
 DATA_REPORT = "data_report.json"
+# Beside the rows: each row's (file index, line), numpy int64 [rows, 2].
+RECORD_ORIGINS = "record_origins.npy"
 
 
 def check_data_files(paths: list[str]) -> list[Path]:
@@ -229,6 +231,7 @@ class DataReport:
     reasons: dict[str, int]
     too_long: int = 0  # dropped: no loss-bearing token within max_seq_len
     tokens: int = 0    # tokens over every *input_ids column (before packing)
+    file_records: list[int] = field(default_factory=list)  # records kept from each data file, in order
 
     def summary(self) -> str:
         text = f"{self.records} records" + (f", {self.tokens:,} tokens" if self.tokens else "")
@@ -312,17 +315,22 @@ def _save_kept_rows(parts: list[tuple[Path, datasets.Dataset]], cfg, files: list
         raise UserError(f"{n_bad} of {n_all} records are malformed (set skip_bad_records true to skip them):\n"
                         + "\n".join(shown) + more)
     merged = datasets.concatenate_datasets([ds for _, ds in parts])
+    file_index = np.repeat(np.arange(len(parts)), [len(ds) for _, ds in parts])
     if n_bad or n_no_loss:
-        merged = merged.select(np.flatnonzero(~_error_mask(merged)))
+        kept = np.flatnonzero(~_error_mask(merged))
+        merged, file_index = merged.select(kept), file_index[kept]
     if len(merged) == 0:
         raise UserError(f"no usable record in {', '.join(map(str, files))}")
+    lines = np.asarray(merged.with_format("numpy", columns=["_line"])["_line"], dtype=np.int64)
     merged = merged.remove_columns(["_error", "_line"])
     save_to_cache(merged, staging)
+    # Where each row came from (file index, 1-based line): a record's identity across encodings of the same files.
+    np.save(staging / RECORD_ORIGINS, np.stack([file_index.astype(np.int64), lines], axis=1))
     saved = datasets.load_from_disk(str(staging))  # only the kept rows, memory-mapped
     tokens = sum(pc.sum(pc.list_value_length(saved.data.column(c))).as_py() or 0
                  for c in saved.column_names if c.endswith("input_ids"))
     report = DataReport(records=len(merged), skipped=n_bad, reasons=dict(reasons), too_long=n_no_loss,
-                        tokens=int(tokens))
+                        tokens=int(tokens), file_records=np.bincount(file_index, minlength=len(parts)).tolist())
     (staging / DATA_REPORT).write_text(json.dumps(report.__dict__, indent=1))
     return report
 

@@ -1,4 +1,5 @@
-"""Rows of the supervised fine-tuning family (full_sft, lora, distill): conversations, with MiniMind's augmentations.
+"""Rows of the supervised fine-tuning family (full_sft, lora, distill): conversations, with MiniMind's augmentations,
+and replayed pretraining texts.
 
 Two augmentations apply as conversations are tokenised: a system prompt drawn from ten assistant prompts for
 a share of the records that have none (and no tools), and the removal of the empty think block of replies
@@ -6,6 +7,10 @@ without reasoning from most records, so the model learns to answer both with and
 per record from --seed and the record's file and line, so every prepare of the same data gives the same rows.
 A stage of the family declares the two ratios in its config (with its own defaults), puts AUGMENTATION_FIELDS
 in its data_fields, and AUGMENTATIONS_OFF in its eval_overrides.
+
+Pretraining records ({"text": ...}) may sit among the conversations, in the same file or another, to replay
+pretraining data against forgetting: each is encoded exactly as the pretrain stage encodes it (data/text_rows.py),
+a label on every token, and never augmented.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from minimind_scale.chat.messages import CONVERSATION_KEYS, normalize_messages
 from minimind_scale.chat.template import render_chat
 from minimind_scale.data.batching import pad_collate, padded_length
 from minimind_scale.data.record_draws import RecordPosition
+from minimind_scale.data.text_rows import TEXT_KEY, encode_text, encode_texts, record_text
 from minimind_scale.errors import RecordError
 
 AddSystemRatio = Annotated[float, Field(
@@ -31,8 +37,9 @@ EmptyThinkRatio = Annotated[float, Field(
 AUGMENTATION_FIELDS = ("add_system_ratio", "empty_think_ratio", "seed")
 # The ratios at which the augmentations leave every record as it is written (for measuring, not training).
 AUGMENTATIONS_OFF = {"add_system_ratio": 0.0, "empty_think_ratio": 1.0}
-# The record keys a conversation is read from (chat.messages.normalize_messages), either one.
-RECORD_KEYS = CONVERSATION_KEYS
+# The record keys a row is read from: a conversation's (chat.messages.normalize_messages), either one, or a
+# pretraining record's text.
+RECORD_KEYS = (*CONVERSATION_KEYS, TEXT_KEY)
 
 SYSTEM_PROMPTS = (
     "你是一个乐于助人、回答准确的智能助手。",
@@ -63,30 +70,55 @@ def augmented(messages: list[dict], tools: list | None, tokenizer, cfg,
     return messages, text
 
 
+def is_text_record(record) -> bool:
+    """Whether `record` is a pretraining record: a "text" and no conversation (which would take precedence)."""
+    return isinstance(record, dict) and TEXT_KEY in record and not any(k in record for k in CONVERSATION_KEYS)
+
+
+def checked_conversation(record) -> tuple[list[dict], list | None]:
+    """A conversation record's (messages, tools); a record in neither accepted format gets a RecordError
+    naming both."""
+    if isinstance(record, dict) and not any(k in record for k in RECORD_KEYS):
+        raise RecordError("record", "neither a conversation ({\"conversations\": [...]} or {\"messages\": [...]}) "
+                          "nor a pretraining text ({\"text\": \"...\"})")
+    return normalize_messages(record)
+
+
 def encode(record: dict, tokenizer, cfg, position: RecordPosition | None = None) -> dict:
-    """One conversation record as a row: input_ids, and labels on the assistant replies only."""
-    messages, tools = normalize_messages(record)
+    """One record as a row: a conversation with labels on the assistant replies only, or a pretraining
+    text with a label on every token."""
+    if is_text_record(record):
+        return encode_text(record_text(record), tokenizer, cfg.max_seq_len)
+    messages, tools = checked_conversation(record)
     messages, text = augmented(messages, tools, tokenizer, cfg, position)
     return encode_chat(messages, tools, tokenizer, cfg.max_seq_len, text)
 
 
 def encode_batch(records: list[dict], tokenizer, cfg,
                  positions: list[RecordPosition] | None = None) -> list[dict | RecordError]:
-    """`encode` of each record: the valid conversations rendered one by one, then tokenised in one call."""
+    """`encode` of each record: the valid conversations rendered one by one, then tokenised in one call, and
+    the pretraining texts tokenised in another."""
     out: list = [None] * len(records)
-    conversations, texts, where = [], [], []
+    conversations, rendered, conversation_at = [], [], []
+    texts, text_at = [], []
     for i, record in enumerate(records):
         try:
-            messages, tools = normalize_messages(record)
+            if is_text_record(record):
+                texts.append(record_text(record))
+                text_at.append(i)
+                continue
+            messages, tools = checked_conversation(record)
         except RecordError as e:
             out[i] = e
             continue
         messages, text = augmented(messages, tools, tokenizer, cfg, None if positions is None else positions[i])
         conversations.append((messages, tools))
-        texts.append(text)
-        where.append(i)
-    for i, encoded in zip(where, encode_chats(conversations, tokenizer, cfg.max_seq_len, texts)):
-        out[i] = encoded
+        rendered.append(text)
+        conversation_at.append(i)
+    for i, row in zip(conversation_at, encode_chats(conversations, tokenizer, cfg.max_seq_len, rendered)):
+        out[i] = row
+    for i, row in zip(text_at, encode_texts(texts, tokenizer, cfg.max_seq_len)):
+        out[i] = row
     return out
 
 

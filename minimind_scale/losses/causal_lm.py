@@ -22,6 +22,9 @@ class LossOutput:
     # per-token KL in a loss whose units are completions).
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     metric_units: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    # The part of loss_sum that is a regulariser (an MoE router loss), which validation leaves out to
+    # report the objective itself.
+    regularizer_sum: torch.Tensor | float = 0.0
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -81,4 +84,5 @@ def causal_lm_loss(model, batch: dict, cfg=None, ctx=None) -> LossOutput:
         coef = getattr(unwrap_config(model), "router_aux_loss_coef", 0.0)
         loss_sum = loss_sum + coef * aux * n
         metrics["aux_loss"] = aux.detach() * n
+        return LossOutput(loss_sum, metrics, regularizer_sum=(coef * aux * n).detach())
     return LossOutput(loss_sum, metrics)

@@ -103,6 +103,13 @@ def _file_func(spec: str, base_dir: str | Path | None, modules: dict[Path, Any])
     return RewardFunc(attr, fn, source=file_part, path=str(path))
 
 
+def reward_func_name(spec: str) -> str:
+    """The name a reward spec's function is logged under, without loading it: a built-in's own name, or the
+    FUNCTION of ``FILE.py:FUNCTION`` (as `load_reward_funcs` names it)."""
+    spec = str(spec).strip()
+    return spec if spec in BUILTIN_REWARDS else spec.rpartition(":")[2]
+
+
 def load_reward_funcs(specs: Sequence[str], base_dir: str | Path | None = None) -> list[RewardFunc]:
     """One RewardFunc per spec: a built-in name, or ``FILE.py:FUNCTION`` (relative to ``base_dir``, else the cwd).
 

@@ -60,16 +60,23 @@ class Collected:
         clipped = torch.cat([b.samples.clipped for b in self.batches]).float()
         n = float(rewards.numel())
         metrics = {"reward": (float(rewards.sum()), n), "completion_length": (float(lengths.sum()), n),
-                   "completion_clipped_ratio": (float(clipped.sum()), n)}
-        for name in self.batches[0].per_function:
-            values = [v for b in self.batches for v in b.per_function[name] if v is not None]
-            metrics[f"rewards/{name}"] = (float(sum(values)), float(len(values)))
+                   "completion_clipped_ratio": (float(clipped.sum()), n), **per_function_metrics(self.batches)}
         for b in self.batches:
             for name, (total, count) in b.metrics.items():
                 before = metrics.get(name, (0.0, 0.0))
                 metrics[name] = (before[0] + total, before[1] + count)
         metrics.update({f"time/{phase}_sec": (value, 1.0) for phase, value in self.seconds.items()})
         return metrics
+
+
+def per_function_metrics(batches: list[ScoredBatch]) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each reward's values as `rewards/<name>`, counting only the completions it applied to
+    (a None is neither a 0 nor counted)."""
+    metrics = {}
+    for name in batches[0].per_function:
+        values = [v for b in batches for v in b.per_function[name] if v is not None]
+        metrics[f"rewards/{name}"] = (float(sum(values)), float(len(values)))
+    return metrics
 
 
 def collect(model, batches: list[dict], cfg, ctx, produce: Producer, steps_per_rollout: int) -> Collected:

@@ -31,6 +31,10 @@ class TrainState:
     world_size: int = 1
     skipped_steps: int = 0     # updates skipped for a non-finite loss (nan_policy skip_step)
     stage: str = ""            # the stage that trained it, so tools (export) rebuild its model class
+    data_identity: str = ""    # the data selection's hash (caps, val split, weights): a resume must continue it
+    best_value: float | None = None      # the monitored evaluation metric's best value so far
+    best_step: int | None = None         # the step it was measured at (the weights in best/)
+    evals_without_improvement: int = 0   # for early stopping
 
 
 def checkpoints_dir(out_dir: Path) -> Path:

@@ -34,8 +34,12 @@ class StageContext:
     tokenizer: Any
     accelerator: Any
     out_dir: Path
-    dataset: Any   # the tokenised (possibly packed) training rows
+    dataset: Any   # the tokenised (possibly packed) training rows; a held-out set's rows while evaluating
     state: StageState
+    # The held-out sets (--val_size's "val", --eval_data_path's), by name: unpacked rows encoded as
+    # given. Present from setup on, so a stage can precompute per-row tables for them too.
+    eval_sets: dict[str, Any] = field(default_factory=dict)
+    evaluating: str | None = None  # the held-out set being measured; None while training
 
 
 @dataclass

@@ -20,14 +20,15 @@ from tqdm.auto import tqdm
 
 from minimind_scale.data.batching import to_device
 from minimind_scale.data.loader import make_loader
-from minimind_scale.data.publish import STAGING_PREFIX, publish_once
 from minimind_scale.data.rows import row_lengths
 from minimind_scale.errors import NonFiniteLoss
-from minimind_scale.models.build import save_hf
+from minimind_scale.training import evaluation
 from minimind_scale.training.batch import MicroBatch, counted, row_length
-from minimind_scale.training.checkpoint import save_checkpoint, write_failures_reported
+from minimind_scale.training.checkpoint import save_checkpoint
 from minimind_scale.training.context import Rollout
 from minimind_scale.training.distributed import reduce_sum
+from minimind_scale.training.held_out import BEST_FILE, best_mode
+from minimind_scale.training.model_dirs import gathered_parameters, save_model_dir
 from minimind_scale.training.preemption import StopRequest
 from minimind_scale.training.run import Run, setup
 
@@ -53,7 +54,8 @@ def train(spec, cfg) -> Path:
                disable=not run.accelerator.is_main_process)
     run.model.train()
     run.throughput.start()
-    while state.step < run.total_steps:
+    early_stop = evaluation.stopped_early(run)  # a resumed run that had already run out of patience
+    while state.step < run.total_steps and early_stop is None:
         for step in step_batches(run):
             # Kept on the step: the seam reads it to decide whether a rollout is reused further.
             step.result = optimizer_step(run, step) if step.micro_batches else skip_update(run)
@@ -67,6 +69,10 @@ def train(spec, cfg) -> Path:
             every = cfg.save_interval
             save_due = (every and state.step < run.total_steps and step.ends_rollout
                         and state.step // every != (state.step - run.steps_per_rollout) // every)
+            if evaluation.due(run, state.step, save_due, step.ends_rollout):
+                early_stop = watch(run)  # before the checkpoint, which then holds the evaluation's state
+                if early_stop is not None:
+                    break
             if stopping or save_due:
                 saved = checkpoint(run)
             if stopping:
@@ -81,11 +87,21 @@ def train(spec, cfg) -> Path:
             state.epoch += 1
             state.batch_in_epoch = 0
     bar.close()
+    if early_stop is not None:
+        run.say(early_stop)
     checkpoint(run)
     final = save_final(run)
     run.accelerator.end_training()
     run.say(f"done: {state.step} steps, {state.tokens} loss-bearing tokens, {state.elapsed_sec:.1f}s -> {final}")
     return final
+
+
+def watch(run: Run) -> str | None:
+    """Measure the held-out sets, keep best/ when the monitored metric improved; why to stop early, if so."""
+    verdict, results = evaluation.evaluate_and_track(run)
+    if verdict.improved:
+        save_best(run, evaluation.monitored_metric(run.spec, run.cfg), results)
+    return verdict.stop_reason
 
 
 def record_step(run: Run, result: StepResult, bar) -> None:
@@ -115,11 +131,13 @@ def step_batches(run: Run) -> Iterator[StepInput]:
     An offline stage trains on the loader's window of `accumulation_steps` batches; a stage with a
     rollout turns that window into micro-batches itself, for `steps_per_rollout` steps."""
     cfg, acc, state = run.cfg, run.accelerator, run.state
-    loader = make_loader(run.ctx.dataset, lambda rows: run.spec.collate(rows, run.ctx.tokenizer, cfg), cfg.batch_size,
+    dataset, plan = run.data.for_epoch(state.epoch)
+    run.ctx.dataset = dataset
+    loader = make_loader(dataset, lambda rows: run.spec.collate(rows, run.ctx.tokenizer, cfg), cfg.batch_size,
                          acc.num_processes, acc.process_index, cfg.seed, state.epoch,
                          skip_batches=state.batch_in_epoch, num_workers=cfg.dataloader_workers,
-                         lengths=row_lengths(run.ctx.dataset) if cfg.group_by_length else None,
-                         with_index=run.spec.row_index)
+                         lengths=row_lengths(dataset) if cfg.group_by_length else None,
+                         with_index=run.spec.row_index, plan=plan)
     batches = iter(loader)
     while window := list(itertools.islice(batches, cfg.accumulation_steps)):
         if run.spec.rollout is None:
@@ -153,20 +171,10 @@ def rollout(run: Run, window: list[dict]) -> list[MicroBatch] | Rollout:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), gathered_parameters(run, model):
+        with torch.no_grad(), gathered_parameters(run.accelerator, model):
             return run.spec.rollout(model, [to_device(b, run.accelerator.device) for b in window], run.cfg, run.ctx)
     finally:
         model.train(was_training)
-
-
-def gathered_parameters(run: Run, model):
-    """Under ZeRO-3 each rank holds a shard of every weight; generation needs them whole."""
-    plugin = run.accelerator.state.deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 def optimizer_step(run: Run, step: StepInput) -> StepResult:
@@ -260,7 +268,8 @@ def skip_update(run: Run) -> None:
 
 def log_step(run: Run, result: StepResult, bar) -> None:
     state = run.state
-    epoch = state.epoch + state.batch_in_epoch / max(1, run.steps_per_epoch * run.cfg.accumulation_steps)
+    per_epoch = run.data.steps_in_epoch(state.epoch, run.accelerator.num_processes)
+    epoch = state.epoch + state.batch_in_epoch / max(1, per_epoch * run.cfg.accumulation_steps)
     row = {"step": state.step, "epoch": epoch, "lr": result.lr, "grad_norm": result.grad_norm, "tokens": state.tokens,
            **run.throughput.rates(state.tokens, state.elapsed_sec), "world_size": run.accelerator.num_processes,
            "skipped_steps": state.skipped_steps, "loss": result.loss, **result.metrics}
@@ -274,33 +283,12 @@ def checkpoint(run: Run) -> Path:
 
 
 def save_final(run: Run) -> Path:
-    """final/ in Hugging Face format, published like a checkpoint: it is complete or absent."""
-    acc, final = run.accelerator, run.out_dir / "final"
-    # Under DeepSpeed every rank must join the gather of sharded weights; otherwise the model's own
-    # state dict (with its tied embedding) is what save_pretrained expects.
-    state_dict = acc.get_state_dict(run.model) if acc.state.deepspeed_plugin is not None else None
-    if acc.is_main_process:
-        model, staging = acc.unwrap_model(run.model), run.out_dir / f"{STAGING_PREFIX}final"
-
-        def write(path: Path) -> None:
-            for subdir, (part, part_state) in final_parts(run.spec, model, state_dict).items():
-                save_hf(part, run.ctx.tokenizer, path / subdir, state_dict=part_state)
-            if run.spec.finalize is not None:
-                run.spec.finalize(model, run.ctx.tokenizer, path, run.cfg, run.ctx)
-
-        with write_failures_reported(run.out_dir, staging):
-            publish_once(final, write, is_complete=Path.is_dir, staging=staging, replace=True, waiters=False)
-    acc.wait_for_everyone()
-    return final
+    """final/: the last weights."""
+    return save_model_dir(run, "final")
 
 
-def final_parts(spec, model, state_dict: dict | None) -> dict[str, tuple]:
-    """{subdirectory of final/: (model, its slice of a gathered state dict or None)}."""
-    prefixes = {id(module): name for name, module in model.named_modules()}
-    parts = {}
-    for subdir, part in spec.published_models(model).items():
-        prefix = prefixes[id(part)] + "." if prefixes[id(part)] else ""
-        sliced = None if state_dict is None else {k[len(prefix):]: v for k, v in state_dict.items()
-                                                   if k.startswith(prefix)}
-        parts[subdir] = (part, sliced)
-    return parts
+def save_best(run: Run, metric: str, results: dict[str, float]) -> Path:
+    """best/: the weights at the best value of the monitored metric so far, with what made them best."""
+    record = {"metric": metric, "mode": best_mode(run.cfg, metric), "value": results[metric],
+              "step": run.state.step, "eval": results}
+    return save_model_dir(run, "best", record, BEST_FILE)

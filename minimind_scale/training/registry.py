@@ -98,7 +98,18 @@ class StageSpec(BaseModel):
     eval_metrics: names of the loss's metrics that evaluation reports, each as its mean over the loss
         units (a reward model's accuracy and margin); empty: a causal LM's next-token loss and
         perplexity. `eval` runs `collate` and `loss` with no StageContext (ctx None), so it offers only
-        stages whose loss needs none; validation during training will have the run's.
+        stages whose loss needs none; validation during training passes the run's, with
+        `ctx.evaluating` set to the held-out set's name and `ctx.dataset` to its rows.
+    perplexity_of: the evaluation metric that is a mean next-token cross-entropy ("loss" for the
+        causal-LM stages, "ce_loss" for distillation); validation also logs its exp as `ppl`.
+    evaluate(model, batch, cfg, ctx) -> {metric: (sum, count)}: optional; how validation during training
+        measures one collated batch of a held-out set when not by the loss (an online stage: generate
+        with a fixed seed and score). The engine sums each metric's sums and counts over batches and
+        processes and logs sum / count. Runs without gradients, in eval mode, on the unwrapped model.
+        Without it, a batch is measured by `loss`: the loss (less its `regularizer_sum`) per loss unit,
+        and each of `eval_metrics`.
+    eval_metric_names(cfg) -> names: required with `evaluate`; the metrics it reports, known before
+        anything loads so that --save_best_metric can be checked.
     units_name: what `loss_units` counts, as a plural noun (tokens, pairs); evaluation reports the
         count of units under this name.
     model_kind: what final/ holds, for the tools that load it: "causal_lm", or "reward_model" (a
@@ -155,6 +166,9 @@ class StageSpec(BaseModel):
     record_keys: tuple[str, ...] = ()
     eval_overrides: dict[str, Any] = {}
     eval_metrics: tuple[str, ...] = ()
+    perplexity_of: str | None = None
+    evaluate: Callable[..., dict[str, tuple[Any, Any]]] | None = None
+    eval_metric_names: Callable[..., list[str]] | None = None
     units_name: str = "tokens"
     model_kind: Literal["causal_lm", "reward_model"] = "causal_lm"
 
@@ -177,10 +191,18 @@ class StageSpec(BaseModel):
         if self.loss_units is None and self.rollout is None:
             raise ValueError(f"stage '{self.name}': loss_units is required (only a stage whose rollout returns "
                              "CountedBatch micro-batches may leave it out)")
+        if (self.evaluate is None) != (self.eval_metric_names is None):
+            raise ValueError(f"stage '{self.name}': evaluate and eval_metric_names go together")
         unknown = sorted(set(self.eval_overrides) - set(self.config.model_fields))
         if unknown:
             raise ValueError(f"stage '{self.name}': eval_overrides names {unknown}, which its config does not have")
         return self
+
+    def validation_metrics(self, cfg) -> list[str]:
+        """The metric names validation during training logs for each held-out set of this stage."""
+        if self.evaluate is not None:
+            return list(self.eval_metric_names(cfg))
+        return ["loss", *self.eval_metrics, *(["ppl"] if self.perplexity_of else [])]
 
     def recognizes(self, record: Any) -> bool:
         """Whether `record` (one parsed jsonl line) is in this stage's data format, by its `record_keys`."""

@@ -8,7 +8,6 @@ built whole before Accelerate/DeepSpeed prepare them; a checkpoint is loaded onl
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,9 @@ from typing import Any
 import torch
 
 from minimind_scale.config import TrainConfig, save_config
-from minimind_scale.data.loader import batches_per_epoch
 from minimind_scale.data.prepare import DataReport, prepare_dataset
+from minimind_scale.data.selection import select
+from minimind_scale.data.training_rows import TrainingRows
 from minimind_scale.errors import UserError
 from minimind_scale.losses.chunked import enable_loss_forward
 from minimind_scale.models.attention import resolve_attention
@@ -35,6 +35,7 @@ from minimind_scale.training.distributed import (
     resolve_precision,
     whole_model_construction,
 )
+from minimind_scale.training.held_out import check_held_out, prepare_held_out, write_held_out_records
 from minimind_scale.training.metrics import MetricsLog
 from minimind_scale.training.optimization import build_optimizer, build_scheduler
 from minimind_scale.training.registry import StageSpec
@@ -56,7 +57,7 @@ class Run:
     metrics_log: MetricsLog
     throughput: Throughput
     total_steps: int
-    steps_per_epoch: int   # loader windows of accumulation_steps batches in one epoch
+    data: TrainingRows     # the rows of each epoch (caps, val split, weights, packing)
     steps_per_rollout: int
     callbacks: list[Callback]
     say: Callable[[str], None]
@@ -78,6 +79,7 @@ def check_before_loading(spec: StageSpec, cfg: TrainConfig, env: LaunchEnv) -> t
         spec.check(cfg)
     check_model_source(cfg.model, cfg.hidden_size, cfg.num_hidden_layers)
     check_tracker(cfg.report_to)
+    check_held_out(spec, cfg)
     attention = resolve_attention(cfg.attn_implementation, resolve_precision(cfg.dtype))
     if cfg.deepspeed:
         load_deepspeed_config(cfg.deepspeed)
@@ -111,14 +113,18 @@ def build_training_model(spec: StageSpec, cfg: TrainConfig, ctx: StageContext, a
     return model
 
 
-def write_run_files(cfg: TrainConfig, report: DataReport, accelerator) -> None:
-    """config.yaml (re-runnable with --config), data_report.json, and the tracker's hyper-parameters."""
+def write_run_files(cfg: TrainConfig, report: DataReport, data: TrainingRows, accelerator) -> None:
+    """config.yaml (re-runnable with --config), data_report.json, val.jsonl (the held-out records, as
+    written), and the tracker's hyper-parameters."""
     out_dir = Path(cfg.out_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-        # What the run trained on: records kept, skipped per reason, too long, tokens.
-        (out_dir / "data_report.json").write_text(json.dumps(report.__dict__, indent=1))
+        # What the run trained on: records kept, skipped per reason, too long, tokens; what each file gave.
+        (out_dir / "data_report.json").write_text(json.dumps({**report.__dict__,
+                                                              "sources": data.sources(cfg.data_path)}, indent=1))
+        if len(data.selection.val):
+            write_held_out_records(data.unpacked_dir, data.selection.val, cfg.data_path, out_dir / "val.jsonl")
     if cfg.report_to != "none":
         # Trackers' hyper-parameter tables take scalars only; lists and None are written as text.
         flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
@@ -126,25 +132,56 @@ def write_run_files(cfg: TrainConfig, report: DataReport, accelerator) -> None:
         accelerator.init_trackers(out_dir.name, config=flat)
 
 
+def prepare_data(spec: StageSpec, cfg: TrainConfig, tokenizer, is_local_main: bool,
+                 say) -> tuple[TrainingRows, DataReport, dict]:
+    """The training rows of every epoch, what tokenising found, and the held-out sets, all before any
+    process group exists (see the module docstring). The training files are tokenised once, unpacked;
+    each epoch's rows are then selected (and packed) from them."""
+    dataset, unpacked_dir, report = prepare_dataset(spec, cfg.model_copy(update={"packing": False}), tokenizer,
+                                                    is_local_main=is_local_main, log=say)
+    selection = select(report.file_records, cfg, cfg.data_path)
+    data = TrainingRows(spec, cfg, dataset, unpacked_dir, selection, is_local_main, say)
+    eval_sets = prepare_held_out(spec, cfg, tokenizer, dataset, unpacked_dir, selection.val, is_local_main, say)
+    if len(cfg.data_path) > 1 or not selection.is_everything:
+        for source in data.sources(cfg.data_path):
+            say(f"  {source['file']}: {source['train_records']} records ({source['tokens']:,} tokens) to train on, "
+                f"{source['records_per_epoch']} per epoch" + (f" at weight {source['weight']:.3f}"
+                                                              if source["weight"] is not None else "")
+                + (f", {source['val_records']} held out as val" if source["val_records"] else ""))
+    for name, rows in eval_sets.items():
+        say(f"  evaluation set '{name}': {len(rows)} records")
+    return data, report, eval_sets
+
+
+def check_same_data(checkpoint: Path, data_identity: str) -> None:
+    """Refuse to resume a checkpoint trained on another data selection (checked before any model is built)."""
+    saved = read_state(checkpoint).data_identity
+    if saved and saved != data_identity:
+        raise UserError(f"{checkpoint} was trained on another selection of the data (other --data_path, "
+                        "--max_samples, --val_size, --data_weights or --seed): resuming would not continue it. "
+                        "Use the same options, or a new out_dir.")
+
+
 def setup(spec: StageSpec, cfg: TrainConfig) -> Run:
     env = LaunchEnv.from_environ()
     say = print if env.is_main else (lambda *a, **k: None)
     attention, checkpoint = check_before_loading(spec, cfg, env)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
-    dataset, _, report = prepare_dataset(spec, cfg, tokenizer, is_local_main=env.is_local_main, log=say)
+    data, report, eval_sets = prepare_data(spec, cfg, tokenizer, env.is_local_main, say)
+    if checkpoint is not None:
+        check_same_data(checkpoint, data.selection.identity())
 
     accelerator = make_accelerator(cfg, tracker_dir=cfg.out_dir)
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
-    ctx = StageContext(tokenizer=tokenizer, accelerator=accelerator, out_dir=Path(cfg.out_dir), dataset=dataset,
-                       state=spec.state())
+    world = accelerator.num_processes
+    ctx = StageContext(tokenizer=tokenizer, accelerator=accelerator, out_dir=Path(cfg.out_dir),
+                       dataset=data.for_epoch(0)[0], state=spec.state(), eval_sets=eval_sets)
     model = build_training_model(spec, cfg, ctx, attention)
     n_params, n_trainable = count_parameters(model)
-    world = accelerator.num_processes
-    per_epoch = math.ceil(batches_per_epoch(len(dataset), world, cfg.batch_size) / cfg.accumulation_steps)
     reuse = spec.steps_per_rollout(cfg) if spec.steps_per_rollout is not None else 1
-    total_steps = cfg.max_steps or per_epoch * cfg.epochs * reuse
+    total_steps = cfg.max_steps or data.total_steps(world) * reuse
     optimizer = build_optimizer(model, cfg, spec.learning_rates(cfg) if spec.learning_rates is not None else None)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     if accelerator.state.deepspeed_plugin is not None:
@@ -153,11 +190,11 @@ def setup(spec: StageSpec, cfg: TrainConfig) -> Run:
     if cfg.compile:
         model = torch.compile(model)
     accelerator.register_for_checkpointing(scheduler)
-    state = TrainState(world_size=world, stage=spec.name)
+    state = TrainState(world_size=world, stage=spec.name, data_identity=data.selection.identity())
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, ctx.state)
         say(f"resumed from {checkpoint} at step {state.step}")
-    write_run_files(cfg, report, accelerator)
+    write_run_files(cfg, report, data, accelerator)
     throughput = Throughput(accelerator, model, n_params, n_trainable, cfg.peak_tflops, state.tokens)
     say(f"[{spec.name}] model {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable) | "
         f"data {report.summary()} | {total_steps} steps of {cfg.batch_size}x{cfg.accumulation_steps}x{world} rows | "
@@ -165,5 +202,5 @@ def setup(spec: StageSpec, cfg: TrainConfig) -> Run:
         f"{accelerator.distributed_type.name.lower()} x{world} on {accelerator.device}")
     return Run(spec=spec, cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
                ctx=ctx, state=state, metrics_log=MetricsLog(Path(cfg.out_dir), accelerator, state.step),
-               throughput=throughput, total_steps=total_steps, steps_per_epoch=per_epoch, steps_per_rollout=reuse,
+               throughput=throughput, total_steps=total_steps, data=data, steps_per_rollout=reuse,
                callbacks=registered_callbacks(), say=say)

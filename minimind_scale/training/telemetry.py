@@ -67,6 +67,11 @@ class Throughput:
         if self.model_config is not None:
             self.flops += input_tokens * train_flops_per_token(self.model_config, row_length, self.trainable_share)
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation) out of the training time and the next rates."""
+        self.started += seconds
+        self.last_log += seconds
+
     def take_elapsed(self) -> float:
         """Seconds since start or the previous call (the trainer state adds them up across resumes)."""
         now = time.time()

@@ -23,8 +23,8 @@ def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_run(a: Path, b: Path, tol: float = 1e-5, weight_tol: float = 1e-5) -> None:
-    la = [r["loss"] for r in read_metrics(a)]
-    lb = [r["loss"] for r in read_metrics(b)]
+    la = [r["loss"] for r in read_metrics(a) if "loss" in r]  # training rows (evaluation rows have none)
+    lb = [r["loss"] for r in read_metrics(b) if "loss" in r]
     assert len(la) == len(lb)
     for step, (x, y) in enumerate(zip(la, lb), start=1):
         assert abs(x - y) <= tol * max(1.0, abs(x)), f"step {step}: loss {x} vs {y}"

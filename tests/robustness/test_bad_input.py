@@ -114,7 +114,7 @@ def _(tmp):
 
 
 SFT_BAD = {
-    2: {"text": "a pretraining record"},
+    2: {"prompt": "hi", "answer": "a record of neither format"},
     3: {"conversations": "user: hi"},
     4: {"messages": {"role": "user", "content": "hi"}},
     5: {"conversations": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]},
@@ -275,7 +275,8 @@ CHECKS: dict[str, Check] = {
     "json_scalar_not_object": Check("pretrain_records", lines=on_line(f"{PRE}:10:", "object")),
     "several_bad_lines": Check("pretrain_records", extra=check_several_bad_lines),
     # sft records (one run)
-    "sft_record_without_conversations": Check("sft_records", lines=on_line(f"{SFT}:2:", "conversations")),
+    "sft_record_of_neither_format": Check("sft_records", lines=on_line(f"{SFT}:2:", "conversations", "messages",
+                                                                          "text")),
     "sft_conversations_not_list": Check("sft_records", lines=on_line(f"{SFT}:3:", "conversations", "list")),
     "sft_messages_not_list": Check("sft_records", lines=on_line(f"{SFT}:4:", "messages", "list")),
     "sft_role_not_allowed": Check("sft_records", lines=on_line(f"{SFT}:5:", "conversations[1].role", "bot")),
