@@ -61,9 +61,9 @@ def task_line(where: str, passed: bool, calls: list[dict], results: list[str], a
 def play(generator, tokenizer, tasks: list, toolbox, cfg: EvalToolsConfig) -> Iterator[dict]:
     """One result per task, in order: its trajectory, the tool calls and results, and whether it passed.
     `generator` is a generation backend, or a module that the hf backend then generates with."""
+    from minimind_scale.agent.records import task_passed
     from minimind_scale.agent.trajectory import run_trajectories
     from minimind_scale.chat.markup import TURN_END
-    from minimind_scale.rl.reward_builtins import accuracy
 
     end_id = tokenizer.convert_tokens_to_ids(TURN_END)
     for start in range(0, len(tasks), cfg.batch_size):
@@ -71,9 +71,10 @@ def play(generator, tokenizer, tasks: list, toolbox, cfg: EvalToolsConfig) -> It
         out = run_trajectories(generator, tokenizer, [t.messages for t in chunk], [t.tools for t in chunk], toolbox,
                                max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                open_thinking=[cfg.think] * len(chunk), end_id=end_id, pad_id=tokenizer.pad_token_id)
-        correct = accuracy(None, out.final_answer, gt=[t.gt for t in chunk])
         for i, task in enumerate(chunk):
-            yield {"task": task.where, "passed": correct[i] == 1.0 and not out.unfinished[i], "gt": task.gt,
+            # Tasks here always have gt (read with require_gt), so the verdict is never None.
+            passed = bool(task_passed(out.final_answer[i], out.unfinished[i], task.gt))
+            yield {"task": task.where, "passed": passed, "gt": task.gt,
                    "prompt": task.messages, "completion": out.messages[i], "tool_calls": out.tool_calls[i],
                    "tool_results": out.tool_results[i], "tool_failures": out.tool_failures[i],
                    "turns": out.turns[i], "unfinished": out.unfinished[i], "final_answer": out.final_answer[i]}

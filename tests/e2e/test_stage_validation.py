@@ -114,7 +114,6 @@ def test_pretrain(tmp_path, data_cache, files, capsys):
              "--eval_data_path", f"extra={files.text}", *HELD_OUT, *COMMON], data_cache)
     row = last_eval_row(out, ["val", "extra"], LM_METRICS)
     check_against_eval(row, {"val": out / "val.jsonl", "extra": files.text}, out / "final", data_cache, capsys)
-    print("pretrain", row)
 
 
 def test_full_sft_with_a_set_of_pretraining_texts(sft_run, data_cache, files, capsys):
@@ -122,7 +121,6 @@ def test_full_sft_with_a_set_of_pretraining_texts(sft_run, data_cache, files, ca
     row = last_eval_row(sft_run, ["val", "chat", "text"], LM_METRICS)
     sets = {"val": sft_run / "val.jsonl", "chat": files.chat, "text": files.text}
     check_against_eval(row, sets, sft_run / "final", data_cache, capsys)
-    print("full_sft", row)
 
 
 def test_lora(tmp_path, data_cache, files, sft_run, capsys):
@@ -135,7 +133,6 @@ def test_lora(tmp_path, data_cache, files, sft_run, capsys):
     row = last_eval_row(out, ["val", "chat"], LM_METRICS)
     check_against_eval(row, {"val": out / "val.jsonl", "chat": files.chat}, out / "final" / "merged", data_cache,
                        capsys)
-    print("lora", row)
 
 
 def distillation_means(student, teacher, tokenizer, path: Path, alpha: float,
@@ -176,7 +173,6 @@ def test_distill(tmp_path, data_cache, files, sft_run, capsys):
         assert math.log(row[f"eval/{name}/ppl"]) == pytest.approx(measured(capsys, out / "final", data,
                                                                            data_cache)["loss"], abs=TOL)
         assert abs(loss - ce) > 1e-3  # the KL term weighs in: a loss of CE alone would not pass
-    print("distill", row)
 
 
 def pair_scores(path: Path, tokenizer, score) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,17 +200,18 @@ def dpo_measures(policy, reference, tokenizer, path: Path, beta: float) -> dict[
             "reward_margin": (chosen - rejected).mean().item()}
 
 
-@pytest.mark.parametrize("precompute_ref", [False, True])
-def test_dpo(tmp_path, data_cache, files, sft_run, precompute_ref):
+@pytest.mark.parametrize("precompute_ref, nproc", [(False, 1), (True, 1), (True, 2)])
+def test_dpo(tmp_path, data_cache, files, sft_run, precompute_ref, nproc):
     """The reference scores each held-out set: live, or from tables precomputed per set (a batch's row
-    numbers count within its set, so the training table would give other rows' log-probs)."""
+    numbers count within its set, so the training table would give other rows' log-probs). Two processes
+    score alternate rows of each set and gather its table; 7 held-out pairs split unevenly between them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, beta = tmp_path / "dpo", 0.5
-    proc = run_cli(["dpo", "--data_path", str(files.pairs), "--model", str(sft_run / "final"), "--batch_size", "4",
-                    "--learning_rate", "1e-2", "--beta", str(beta), "--precompute_ref", str(precompute_ref).lower(),
-                    "--out_dir", str(out), "--eval_data_path", f"extra={files.extra_pairs}", *HELD_OUT, *COMMON],
-                   data_cache)
+    held_out = ["--val_size", str(9 - nproc), "--eval_interval", "2", "--eval_data_path", f"extra={files.extra_pairs}"]
+    proc = run_cli(["dpo", "--data_path", str(files.pairs), "--model", str(sft_run / "final"), "--batch_size",
+                    str(4 // nproc), "--learning_rate", "1e-2", "--beta", str(beta), "--precompute_ref",
+                    str(precompute_ref).lower(), "--out_dir", str(out), *held_out, *COMMON], data_cache, nproc=nproc)
     # The reference table of `val`, computed or read from the cache, is announced on a line of its own.
     tables = [line for line in proc.stdout.splitlines() if line.startswith("[dpo]") and "set 'val'" in line]
     assert len(tables) == int(precompute_ref)
@@ -227,7 +224,6 @@ def test_dpo(tmp_path, data_cache, files, sft_run, precompute_ref):
         for metric, value in expected.items():
             assert row[f"eval/{name}/{metric}"] == pytest.approx(value, abs=TOL), (name, metric)
         assert abs(expected["loss"] - math.log(2)) > 1e-3  # the policy has left the reference
-    print("dpo", precompute_ref, row)
 
 
 def test_reward(tmp_path, data_cache, files, sft_run, capsys):
@@ -250,4 +246,3 @@ def test_reward(tmp_path, data_cache, files, sft_run, capsys):
         chosen, rejected = pair_scores(data, tokenizer, lambda ids, labels: model(input_ids=ids).logits[:, 0])
         assert row[f"eval/{name}/loss"] == pytest.approx(bradley_terry_loss(chosen, rejected).mean().item(), abs=TOL)
         assert row[f"eval/{name}/margin"] == pytest.approx((chosen - rejected).mean().item(), abs=TOL)
-    print("reward", row)

@@ -33,9 +33,10 @@ TOKENIZER = SHARED / "tokenizers" / "minimind"
 DATA = SHARED / "data"
 RECORD_PLUGIN = REPO / "tests" / "plugins" / "record_batches.py"
 SEQ = 128
+# Long enough in the isolation test for packing to put several conversations in most rows.
+RECORDED_SEQ = 512
 TINY = ["--model", "minimind2-small", "--hidden_size", "32", "--num_hidden_layers", "1", "--tokenizer",
-        str(TOKENIZER), "--max_seq_len", str(SEQ), "--dtype", "fp32", "--num_proc", "1", "--warmup_steps", "0",
-        "--log_interval", "1"]
+        str(TOKENIZER), "--dtype", "fp32", "--num_proc", "1", "--warmup_steps", "0", "--log_interval", "1"]
 TOL = 1e-5
 
 
@@ -62,8 +63,9 @@ EXACT_STEPS, EXACT_EVERY = 8, 4
 def exact_run_args(data: dict[str, Path], out: Path, batch_size: int) -> list[str]:
     """SFT with the default packing and augmentations, 7 records held out, a web set, a checkpoint at every
     evaluation, and an eval batch size (3) that divides neither set."""
-    return ["full_sft", *TINY, "--data_path", str(data["sft"]), "--out_dir", str(out), "--batch_size", str(batch_size),
-            "--max_steps", str(EXACT_STEPS), "--val_size", "7", "--eval_data_path", f"web={data['web']}",
+    return ["full_sft", *TINY, "--max_seq_len", str(SEQ), "--data_path", str(data["sft"]), "--out_dir", str(out),
+            "--batch_size", str(batch_size), "--max_steps", str(EXACT_STEPS), "--val_size", "7",
+            "--eval_data_path", f"web={data['web']}",
             "--eval_interval", str(EXACT_EVERY), "--save_interval", str(EXACT_EVERY), "--save_total_limit", "100",
             "--eval_batch_size", "3", "--learning_rate", "1e-2", "--seed", "5"]
 
@@ -138,8 +140,9 @@ OVERFIT_STEPS, OVERFIT_EVERY, PATIENCE = 30, 2, 2
 def overfit_args(data: dict[str, Path], out: Path) -> list[str]:
     """12 conversations trained on, 4 held out, lr 1e-2: the val loss bottoms out near step 12 (7.40, from 8.60
     at step 2) and ends near 9.4, margins far above any numerical noise."""
-    return ["full_sft", *TINY, "--data_path", str(data["sft16"]), "--out_dir", str(out), "--batch_size", "4",
-            "--max_steps", str(OVERFIT_STEPS), "--val_size", "4", "--eval_interval", str(OVERFIT_EVERY),
+    return ["full_sft", *TINY, "--max_seq_len", str(SEQ), "--data_path", str(data["sft16"]), "--out_dir", str(out),
+            "--batch_size", "4", "--max_steps", str(OVERFIT_STEPS), "--val_size", "4",
+            "--eval_interval", str(OVERFIT_EVERY),
             "--save_interval", "0", "--learning_rate", "1e-2", "--seed", "0", "--save_best_metric", "eval/val/loss"]
 
 
@@ -197,40 +200,47 @@ def test_early_stopping_ends_the_run_after_patience_evaluations(overfit_run, ear
 
 # --- isolation: held-out records are never trained on ---------------------------------------------------------
 
-def encoded_as_given(records: list[dict]) -> list[tuple[int, ...]]:
+def pad_token_id() -> int:
+    from minimind_scale.models.build import load_tokenizer
+
+    return load_tokenizer(str(TOKENIZER)).pad_token_id
+
+
+def encoded_as_given(records: list[dict], max_seq_len: int) -> list[tuple[int, ...]]:
     """Each record's input ids through full_sft's encoder, as written (the run keeps every record as given:
     --add_system_ratio 0 --empty_think_ratio 1)."""
     from minimind_scale.models.build import load_tokenizer
     from minimind_scale.stages.full_sft import SPEC
 
     tokenizer = load_tokenizer(str(TOKENIZER))
-    cfg = SPEC.config(max_seq_len=SEQ, add_system_ratio=0.0, empty_think_ratio=1.0)
+    cfg = SPEC.config(max_seq_len=max_seq_len, add_system_ratio=0.0, empty_think_ratio=1.0)
     return [tuple(SPEC.encode(record, tokenizer, cfg, None)["input_ids"]) for record in records]
 
 
 @pytest.mark.parametrize("packing", ["false", "true"])
 def test_held_out_records_are_never_trained_on(packing, tmp_path, data, data_cache):
     out, batches = tmp_path / "run", tmp_path / "batches.jsonl"
-    run_cli(["--plugin", str(RECORD_PLUGIN), "recorded_sft", *TINY, "--data_path", str(data["sft"]),
-             "--out_dir", str(out), "--batch_size", "4", "--epochs", "1", "--packing", packing, "--val_size", "8",
+    run_cli(["--plugin", str(RECORD_PLUGIN), "recorded_sft", *TINY, "--max_seq_len", str(RECORDED_SEQ),
+             "--data_path", str(data["sft"]), "--out_dir", str(out), "--batch_size", "4", "--epochs", "1",
+             "--packing", packing, "--val_size", "8",
              "--eval_interval", "3", "--save_interval", "0", "--add_system_ratio", "0", "--empty_think_ratio", "1",
              "--learning_rate", "1e-3", "--seed", "7"], data_cache, RECORD_BATCHES_FILE=str(batches))
     records = read_jsonl(data["sft"])
     held_out = read_jsonl(out / "val.jsonl")
     assert len(held_out) == 8 and all(r in records for r in held_out)
-    encoded = encoded_as_given(records)
+    encoded = encoded_as_given(records, RECORDED_SEQ)
     assert len(set(encoded)) == len(records), "two records encode alike: identity by ids would be ambiguous"
-    val_ids = set(encoded_as_given(held_out))
+    val_ids = set(encoded_as_given(held_out, RECORDED_SEQ))
     train_ids = [ids for ids in encoded if ids not in val_ids]
-
-    from minimind_scale.models.build import load_tokenizer
-
-    trained = recorded_samples(batches, load_tokenizer(str(TOKENIZER)).pad_token_id)
-    assert not val_ids & set(trained), "a held-out record was in a training batch"
+    trained = recorded_samples(batches, pad_token_id())
+    leaked = val_ids & set(trained)
+    assert not leaked, f"{len(leaked)} held-out record(s) in a training batch"
     # One epoch trains on every other record exactly once.
-    assert Counter(trained) == Counter(train_ids)
+    missing, unexpected = Counter(train_ids) - Counter(trained), Counter(trained) - Counter(train_ids)
+    assert not missing and not unexpected, (f"{missing.total()} training record(s) not trained on; "
+                                            f"{unexpected.total()} trained sample(s) not a training record or repeated")
     rows = read_jsonl(batches)
     if packing == "true":
-        assert all("position_ids" in r for r in rows) and len(rows) < len(train_ids), "nothing was packed"
+        assert all("position_ids" in r for r in rows) and len(rows) <= len(train_ids) // 2, "too little packed"
     else:
         assert all("attention_mask" in r for r in rows) and len(rows) == len(train_ids)
