@@ -127,8 +127,10 @@ def eval_rows_checked(out: Path, spec, cfg, sets: list[str], steps: list[int]) -
 
 
 def policy_from(spec, cfg, model_dir: Path, tokenizer):
-    """The model the stage trains, built as the run builds it but from `model_dir` (a run's final/)."""
-    cfg = cfg.model_copy(update={"model": str(model_dir)})
+    """The model the stage trains, built as the run builds it but from `model_dir` (a run's final/, with
+    PPO's critic in its critic/: evaluation does not use it, loading it only spares a new value head)."""
+    critic = {"critic": str(model_dir / "critic")} if (model_dir / "critic").is_dir() else {}
+    cfg = cfg.model_copy(update={"model": str(model_dir), **critic})
     if spec.build_model is not None:
         return spec.build_model(cfg, tokenizer)
     return build_model(cfg.model, tokenizer)
@@ -170,9 +172,10 @@ def check_reward_totals(row: dict, sets: list[str]) -> None:
         assert row[f"eval/{name}/reward"] == pytest.approx(weighted, abs=TOL), name
 
 
-def check_against_remeasurement(out: Path, spec, cfg, extra: Path, accelerator, scratch: Path) -> dict:
-    """The last eval row equals the re-measurement of final/ on val.jsonl then `extra`; returns the row."""
-    row = logged_evaluations(out)[max(logged_evaluations(out))]
+def check_against_remeasurement(out: Path, spec, cfg, extra: Path, accelerator, scratch: Path) -> None:
+    """The last eval row equals the re-measurement of final/ on val.jsonl then `extra`."""
+    rows = logged_evaluations(out)
+    row = rows[max(rows)]
     sets = {"val": read_jsonl(out / "val.jsonl"), "extra": read_jsonl(extra)}
     assert len(sets["val"]) == 4
     again = remeasured(spec, cfg, out / "final", sets, accelerator, scratch)
@@ -180,7 +183,6 @@ def check_against_remeasurement(out: Path, spec, cfg, extra: Path, accelerator, 
     assert set(again) == set(logged)
     for key, value in logged.items():
         assert value == pytest.approx(again[key], abs=TOL), key
-    return row
 
 
 def test_grpo_logs_every_reward_per_set_and_its_last_evaluation_remeasures_final(grpo_validated, files,
