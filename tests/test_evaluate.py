@@ -161,11 +161,14 @@ def test_batch_size_and_packing_do_not_change_the_numbers(capsys, work, sft_refe
 
 
 def test_explicit_stage_overrides_detection(capsys, work, pretrain_reference):
-    # A pretrain file read as chat data is malformed (no conversations): the stage was really used.
-    with pytest.raises(UserError, match="conversations"):
-        _eval(capsys, work, work["pretrain"], max_seq_len=PRETRAIN_LEN, stage="sft")
+    # A chat file read as pretraining text is malformed (no "text"): the stage was really used. (Read as chat
+    # data, a pretraining file is valid: the SFT family takes {"text"} records, for replay.)
+    with pytest.raises(UserError, match="text"):
+        _eval(capsys, work, work["sft"], max_seq_len=PRETRAIN_LEN, stage="pretrain")
     out = _eval(capsys, work, work["pretrain"], max_seq_len=PRETRAIN_LEN, stage="pretrain")
     assert out["tokens"] == pretrain_reference[1]
+    as_sft = _eval(capsys, work, work["pretrain"], max_seq_len=PRETRAIN_LEN, stage="sft")
+    assert as_sft["tokens"] == pretrain_reference[1] and as_sft["loss"] == pytest.approx(out["loss"], rel=1e-6)
 
 
 def test_user_mistakes_are_user_errors(capsys, work, tmp_path):
