@@ -7,7 +7,6 @@ the same rows. All of this happens before the run writes anything, so a bad set 
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from minimind_scale.data.prepare import RECORD_ORIGINS, check_data_files, prepar
 from minimind_scale.errors import UserError
 
 VAL = "val"
+# Written into best/ beside the weights: the metric, its mode, value and step, and that evaluation's results.
+BEST_FILE = "best_metric.json"
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -134,14 +135,3 @@ def write_held_out_records(unpacked_dir: Path, val_rows: np.ndarray, files: list
                     if number in lines:
                         out.write(raw if raw.endswith(b"\n") else raw + b"\n")
     tmp.replace(target)
-
-
-def best_record(path: Path) -> dict | None:
-    """What best/ records about itself (metric, mode, value, step), or None where there is none."""
-    try:
-        return json.loads((path / BEST_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-BEST_FILE = "best_metric.json"
