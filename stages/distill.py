@@ -23,6 +23,7 @@ from minimind_scale.errors import UserError
 from minimind_scale.losses.causal_lm import count_label_tokens, forward_logits
 from minimind_scale.losses.distillation import distillation_loss
 from minimind_scale.models.build import is_model_dir
+from minimind_scale.models.model_dir import check_model_dir
 
 
 class DistillConfig(TrainConfig):
@@ -86,6 +87,12 @@ def check_same_vocabulary(student, teacher, teacher_dir: str, tokenizer) -> None
                             "tokenizers: distillation needs the same tokenizer")
 
 
+def check_teacher(cfg) -> None:
+    """The teacher's config and weights are whole, before any tokenising (the option's validator only
+    looks for config.json, so that configs can be built without a real teacher)."""
+    check_model_dir(cfg.teacher, "--teacher")
+
+
 def setup(model, cfg, ctx):
     from transformers import AutoModelForCausalLM
 
@@ -146,6 +153,7 @@ SPEC = register_stage(StageSpec(
     collate=sft_rows.collate,
     loss=loss,
     loss_units=count_label_tokens,
+    check=check_teacher,
     setup=setup,
     state=DistillState,
     fixed_length=True,

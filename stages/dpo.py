@@ -29,6 +29,7 @@ from minimind_scale.errors import UserError
 from minimind_scale.losses.causal_lm import forward_logits
 from minimind_scale.losses.preference import dpo_loss, sequence_logprobs
 from minimind_scale.models.build import is_model_dir
+from minimind_scale.models.model_dir import check_model_dir
 
 
 class DPOConfig(TrainConfig):
@@ -72,14 +73,19 @@ def reference_logps(ref, batch: dict, accelerator) -> torch.Tensor:
     return sequence_logprobs(logits, batch["labels"])
 
 
+def check_reference(cfg) -> None:
+    """A --ref_model directory is whole, before any tokenising."""
+    if cfg.ref_model is not None:
+        check_model_dir(cfg.ref_model, "--ref_model")
+
+
 def load_reference(model, cfg, ctx):
     """A frozen fp32 reference. It is a full replica on every rank even under ZeRO-3 (never passed
     to accelerator.prepare): fine for MiniMind's sizes, and `precompute_ref` frees it anyway."""
     if cfg.ref_model is None:
         ref = copy.deepcopy(model)
     else:
-        if not is_model_dir(cfg.ref_model):
-            raise UserError(f"ref_model {cfg.ref_model}: not a Hugging Face model directory (no config.json)")
+        check_model_dir(cfg.ref_model, "--ref_model")
         from transformers import AutoModelForCausalLM
 
         ref = AutoModelForCausalLM.from_pretrained(cfg.ref_model, dtype=torch.float32)
@@ -231,6 +237,7 @@ SPEC = register_stage(StageSpec(
     collate=pair_rows.collate,
     loss=loss,
     loss_units=pair_rows.count_pairs,
+    check=check_reference,
     setup=setup,
     state=DPOState,
     packable=False,

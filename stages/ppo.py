@@ -25,6 +25,7 @@ from minimind_scale.config import BatchSize, LearningRate, OutDir
 from minimind_scale.losses.policy import k3_kl
 from minimind_scale.losses.ppo import gae, policy_terms, token_rewards, value_terms, whiten
 from minimind_scale.models.build import PRESETS, build_model, preset_config
+from minimind_scale.models.model_dir import check_model_dir
 from minimind_scale.rl import prompts as prompt_rows
 from minimind_scale.rl.actor_critic import ActorCritic, build_critic
 from minimind_scale.rl.config import OnlineRLConfig
@@ -78,6 +79,13 @@ class PPOConfig(OnlineRLConfig):
 
 
 # --------------------------------------------------------------------------- models
+
+
+def check_sources(cfg) -> None:
+    """The reward functions, the reward model and a --critic directory, before any tokenising."""
+    check_rewards(cfg)
+    if cfg.critic is not None:
+        check_model_dir(cfg.critic, "--critic")
 
 
 def build_policy_and_critic(cfg, tokenizer) -> ActorCritic:
@@ -225,7 +233,7 @@ SPEC = register_stage(StageSpec(
     encode_batch=prompt_rows.encode_batch,
     collate=prompt_rows.collate,
     loss=loss,
-    check=check_rewards,
+    check=check_sources,
     build_model=build_policy_and_critic,
     setup=setup,
     rollout=rollout,

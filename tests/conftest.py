@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared (real data, MiniMind tokenizer) is absent")
 
 
-CI_REQUIREMENTS = ("fastapi", "uvicorn", "openai", "selenium", "xdist")
+CI_REQUIREMENTS = ("fastapi", "uvicorn", "openai", "selenium", "xdist", "schemathesis")
 
 
 def pytest_sessionstart(session):

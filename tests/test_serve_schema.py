@@ -125,3 +125,25 @@ def test_a_reply_of_only_a_call_has_null_content_and_finishes_with_tool_calls():
                                                 "function": {"name": "f", "arguments": "{}"}}]
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
     assert completion("id", "m", pieces, "length", 5, 3)["choices"][0]["finish_reason"] == "length"
+
+
+def test_json_depth_counts_brackets_outside_strings_only():
+    from minimind_scale.inference.serve_schema import json_depth
+
+    assert json_depth(b'{"a": [1, {"b": []}], "c": "[[[[{{"}') == 4
+    assert json_depth(b'"\\"[[["') == 0
+    assert json_depth(b"[" * 65 + b"]" * 65) == 65
+
+
+def test_a_lone_surrogate_is_refused_naming_its_field():
+    tool = {"type": "function", "function": {"name": "f", "description": "bad \ud800"}}
+    assert refused({"messages": [*HI, {"role": "assistant", "content": "x\udfff"}]}).param == "messages[1].content"
+    assert refused({"messages": HI, "tools": [tool]}).param == "tools[0].function.description"
+    assert refused({"messages": HI, "metadata": {"\udc00": 1}}).param == "metadata.\\udc00"
+
+
+def test_temperatures_below_the_floor_are_greedy():
+    from minimind_scale.inference.serve_schema import GREEDY_BELOW, sampling_temperature
+
+    assert [sampling_temperature(t) for t in (0.0, 1e-45, GREEDY_BELOW / 2, GREEDY_BELOW, 0.7)] == [
+        0.0, 0.0, 0.0, GREEDY_BELOW, 0.7]

@@ -174,7 +174,8 @@ def summary(totals: list[float], spec) -> dict:
 
 def run(cfg: EvalConfig) -> None:
     from minimind_scale.data.prepare import check_data_files, prepare_dataset
-    from minimind_scale.models.build import is_model_dir, load_tokenizer
+    from minimind_scale.models.build import load_tokenizer
+    from minimind_scale.models.model_dir import check_model_dir
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     accelerator = None
@@ -195,8 +196,7 @@ def run(cfg: EvalConfig) -> None:
 
         hf_logging.disable_progress_bar()  # one set of bars per run, not one per process
 
-    if not is_model_dir(cfg.model):
-        raise UserError(f"model '{cfg.model}' is not a Hugging Face model directory (no config.json)")
+    check_model_dir(cfg.model, "--model")
     files = check_data_files(cfg.data_path)
     registry.discover()
     spec = registry.get_stage(detect_stage(str(files[0])) if cfg.stage == "auto" else cfg.stage)

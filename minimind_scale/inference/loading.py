@@ -2,12 +2,11 @@
 backends' `from_pretrained` all come through here. A missing or broken directory or adapter is a UserError."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from minimind_scale.errors import UserError
-from minimind_scale.models.build import is_model_dir, load_tokenizer
+from minimind_scale.models.build import load_tokenizer
+from minimind_scale.models.model_dir import check_model_dir
 from minimind_scale.models.yarn import DEFAULT_ORIGINAL_POSITIONS, load_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,10 +34,9 @@ def load_chat_model(model_dir: str, adapter: str | None = None, dtype: str = "au
     `adapter` applies a LoRA on top, `yarn_factor` extends the context with YaRN (see models/yarn.py)."""
     from transformers import AutoModelForCausalLM
 
-    if not Path(model_dir).is_dir():
-        raise UserError(f"model directory not found: {model_dir}")
-    if not is_model_dir(model_dir):
-        raise UserError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    check_model_dir(model_dir, "--model")
+    if adapter is not None:
+        check_model_dir(adapter, "--adapter", adapter=True)
     tokenizer = load_tokenizer(None, model_dir)
     config = load_config(model_dir, yarn_factor, yarn_original_max_position_embeddings)
     model = load_pretrained(AutoModelForCausalLM, model_dir, pick_dtype(dtype), config)
@@ -49,8 +47,7 @@ def load_chat_model(model_dir: str, adapter: str | None = None, dtype: str = "au
 
 
 def _with_adapter(model, adapter: str, model_dir: str):
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
+    """`model` with the (already checked) LoRA adapter applied; an adapter of another shape is a UserError."""
     from peft import PeftModel
 
     try:

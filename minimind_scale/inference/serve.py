@@ -17,6 +17,7 @@ from pydantic import Field
 from minimind_scale.config import StrictConfig
 from minimind_scale.errors import UserError
 from minimind_scale.generation.registry import DEFAULT_BACKEND, BackendName
+from minimind_scale.inference.serve_schema import GREEDY_BELOW
 from minimind_scale.models.yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions
 
 
@@ -30,7 +31,8 @@ class ServeConfig(StrictConfig):
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
     port: int = Field(8998, ge=0, le=65535, description="port to listen on (0: any free port, printed at start)")
     max_tokens: int = Field(512, ge=1, description="answer length when a request sets no max_tokens")
-    temperature: float = Field(0.7, ge=0, le=2, description="temperature when a request sets none (0: greedy)")
+    temperature: float = Field(0.7, ge=0, le=2,
+                               description=f"temperature when a request sets none (below {GREEDY_BELOW:g}: greedy)")
     top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling mass when a request sets none")
     max_queue: int = Field(64, ge=1, description="requests that may wait for the model; more are refused with 503")
     served_model_name: str | None = Field(None, description="the model id in the API (default: the --model path)")

@@ -8,28 +8,37 @@ a streamed answer is the non-streamed one in pieces.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from minimind_scale.chat.markup import THINK_CLOSE, THINK_OPEN
 from minimind_scale.chat.reply_parser import ReplyParser
 from minimind_scale.chat.template import render_chat
 from minimind_scale.inference.serve_schema import (
     ApiError,
+    ChatCompletion,
     ChatRequest,
+    ErrorResponse,
     chunk,
     completion,
     completion_id,
+    decode_body,
     finish_reason,
     parse_request,
     piece_delta,
     prompt_parts,
+    request_schemas,
+    sampling_temperature,
     usage,
 )
 from minimind_scale.inference.serve_worker import Done, Failed, Generation, GenerationWorker, QueueFull, Text
@@ -37,6 +46,8 @@ from minimind_scale.inference.serve_worker import Done, Failed, Generation, Gene
 CHAT_PAGE = Path(__file__).parents[1] / "assets" / "chat.html"
 DISCONNECT_POLL_SEC = 0.5
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SCHEMAS = "#/components/schemas/"
+LOG = logging.getLogger("uvicorn.error")  # the logger uvicorn prints at serve's log level
 
 
 @dataclass
@@ -62,10 +73,11 @@ class ChatService:
 
     def prepare(self, request: ChatRequest, raw_tools: list | None) -> Prepared:
         messages, tools, template_kwargs = prompt_parts(request, raw_tools)
+        self._refuse_reserved(template_kwargs)
         try:
             text = render_chat(messages, tools, self.tokenizer, add_generation_prompt=True, **template_kwargs)
         except Exception as e:  # a jinja template raises its own error types on inputs it rejects
-            raise ApiError(400, f"the model's chat template refused the messages ({type(e).__name__}: {e})",
+            raise ApiError(400, f"the model's chat template cannot render these messages: {e}",
                            param="messages") from None
         prompt_ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         limit = request.answer_limit
@@ -77,10 +89,19 @@ class ChatService:
                            code="context_length_exceeded")
         generation = Generation(
             prompt_ids, limit if limit is not None else min(self.max_tokens, room),
-            self.temperature if request.temperature is None else request.temperature,
+            sampling_temperature(self.temperature if request.temperature is None else request.temperature),
             self.top_p if request.top_p is None else request.top_p, request.seed)
         return Prepared(generation, text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE), request.uses_tools,
                         bool(request.stream_options and request.stream_options.include_usage))
+
+    def _refuse_reserved(self, template_kwargs: dict) -> None:
+        """Refuse chat_template_kwargs that name an argument of the rendering call itself rather than a template
+        variable (`tokenize`, `tools`, ...): passed on, they would collide with the server's own."""
+        own = {*inspect.signature(render_chat).parameters, *inspect.signature(
+            self.tokenizer.apply_chat_template).parameters} - {"kwargs"}
+        if taken := sorted(own & template_kwargs.keys()):
+            raise ApiError(400, f"chat_template_kwargs.{taken[0]}: set by the server, not a template variable",
+                           param=f"chat_template_kwargs.{taken[0]}")
 
     def start(self, prepared: Prepared):
         """(job, events): the queued job and the asyncio queue its events arrive on."""
@@ -150,12 +171,25 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type header names JSON (application/json or a +json type, any parameters)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def _json_body(request: Request):
-    body = await request.body()
+    """The request's JSON body; ApiError 415 for another content type, 400 for a body that is not JSON, 499
+    (logged as one line) when the client hangs up before sending all of it."""
+    if not _is_json(request.headers.get("content-type")):
+        raise ApiError(415, f"the request body must be JSON (Content-Type: application/json), not "
+                            f"{request.headers.get('content-type') or 'unnamed'}", type="invalid_request_error")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        body = await request.body()
+    except ClientDisconnect:
+        LOG.warning("%s %s: the client closed the connection before sending the whole request body",
+                    request.method, request.url.path)
+        raise ApiError(499, "the client closed the connection") from None
+    return decode_body(body)
 
 
 async def _unless_disconnected(request: Request, answer):
@@ -169,8 +203,23 @@ async def _unless_disconnected(request: Request, answer):
     return task.result()
 
 
+CHAT_REQUEST_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": SCHEMAS + "ChatRequest"}}}}}
+
+
+def _openapi_document(app: FastAPI) -> dict:
+    """FastAPI's OpenAPI document plus the request schema: the route reads its body itself (strictly, with
+    OpenAI's errors), so FastAPI does not see ChatRequest."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        document.setdefault("components", {}).setdefault("schemas", {}).update(request_schemas(SCHEMAS))
+        app.openapi_schema = document
+    return app.openapi_schema
+
+
 def build_app(service: ChatService) -> FastAPI:
-    app = FastAPI(title="minimind_scale serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="minimind_scale serve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = lambda: _openapi_document(app)
     page = CHAT_PAGE.read_text(encoding="utf-8")
     created = int(time.time())
     card = {"id": service.model_name, "object": "model", "created": created, "owned_by": "minimind_scale"}
@@ -208,7 +257,8 @@ def build_app(service: ChatService) -> FastAPI:
                            param="model", code="model_not_found", type="not_found_error")
         return card
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=CHAT_REQUEST_BODY,
+              responses={code: {"model": ErrorResponse} for code in (400, 415, 503)})
     async def chat_completions(request: Request):
         data = await _json_body(request)
         parsed = parse_request(data)

@@ -9,6 +9,8 @@ does not implement and that would change the answer (`n` > 1, `stop`, `logprobs`
 """
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from typing import Any, Literal, get_args, get_origin
@@ -18,6 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from minimind_scale.chat.messages import normalize_messages
 from minimind_scale.chat.reply_parser import Piece, ToolCall
 from minimind_scale.errors import RecordError
+
+# Below this a temperature is sampled as greedy: dividing logits by a smaller one overflows them to inf and nan.
+GREEDY_BELOW = 1e-5
+# Request JSON nested deeper than this is refused before it is parsed: no real request comes near it, and
+# parsing and checking a much deeper one recurses past Python's stack limit.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
 
 
 class ApiError(Exception):
@@ -78,7 +88,7 @@ class StreamOptions(_Strict):
 class ChatRequest(_Strict):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=2, description=f"0 (or below {GREEDY_BELOW:g}): greedy")
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -129,10 +139,64 @@ def param_name(loc: tuple) -> str | None:
     return path or None
 
 
+def sampling_temperature(temperature: float) -> float:
+    """The temperature to sample with: 0 (greedy) for any below GREEDY_BELOW."""
+    return 0.0 if temperature < GREEDY_BELOW else temperature
+
+
+def json_depth(body: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub(b"", body)):
+        depth += 1 if bracket in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def decode_body(body: bytes) -> Any:
+    """The request body's JSON, or an ApiError (400) when it is not JSON or nests deeper than MAX_JSON_DEPTH."""
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+
+
+def _not_unicode(data: Any) -> str | None:
+    """The path (`messages[0].content`) of the first key or string in `data` that is not valid Unicode (a lone
+    UTF-16 surrogate, which JSON's \\u escapes can spell), or None. Walked without recursion."""
+    pending: list[tuple[str, Any]] = [("", data)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, str) and not _encodes(value):
+            return path or "(body)"
+        if isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                shown = key.encode("utf-8", "backslashreplace").decode("utf-8")  # a path the answer can carry
+                inner = f"{path}.{shown}" if path else shown
+                if not _encodes(key):
+                    return inner
+                pending.append((inner, item))
+        elif isinstance(value, list):
+            pending += reversed([(f"{path}[{i}]", item) for i, item in enumerate(value)])
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_request(data: Any) -> ChatRequest:
     """The request, or an ApiError (400) naming the first bad field."""
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    if (bad := _not_unicode(data)) is not None:
+        raise ApiError(400, f"{bad}: the text is not valid Unicode (it holds a lone UTF-16 surrogate)", param=bad)
     try:
         request = ChatRequest.model_validate(data)
     except ValidationError as e:
@@ -193,6 +257,69 @@ def prompt_parts(request: ChatRequest, raw_tools: list | None) -> tuple[list[dic
 
 
 # ------------------------------------------------------------------------------------------ responses
+# The response bodies as models, for the published OpenAPI document only: the bodies themselves are built as
+# dicts by the functions below.
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal: a 4xx (or 503 when the queue is full), OpenAI's error shape."""
+
+    error: ErrorDetail
+
+
+class ReplyFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ReplyToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: ReplyFunction
+
+
+class ReplyMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ReplyToolCall] | None = None
+
+
+class ReplyChoice(BaseModel):
+    index: int
+    message: ReplyMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length", "tool_calls"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """A non-streamed answer; a streamed one is `text/event-stream` of `chat.completion.chunk`s ending `[DONE]`."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ReplyChoice]
+    usage: Usage
+
+
+def request_schemas(ref_prefix: str) -> dict[str, dict]:
+    """JSON schemas of ChatRequest and the models inside it, by name, their references under `ref_prefix`."""
+    schema = ChatRequest.model_json_schema(ref_template=ref_prefix + "{model}")
+    return {**schema.pop("$defs", {}), "ChatRequest": schema}
+
 
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"

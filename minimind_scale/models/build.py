@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from minimind_scale.errors import UserError
+from minimind_scale.models.model_dir import check_model_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config, Qwen3MoeConfig
@@ -96,7 +97,9 @@ def check_model_source(model: str, hidden_size: int | None = None, num_hidden_la
     """Fail before any data work when --model names nothing usable."""
     if model in PRESETS:
         return
-    if not is_model_dir(model):
+    if Path(model).is_dir():
+        check_model_dir(model, "--model")
+    else:
         from minimind_scale.config import did_you_mean
 
         raise UserError(f"model '{model}' is neither a preset{did_you_mean(model, PRESETS)} ({', '.join(PRESETS)}) "

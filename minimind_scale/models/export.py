@@ -69,13 +69,16 @@ def model_config(run_dir: Path, run: dict, tokenizer):
     from transformers import AutoConfig
 
     from minimind_scale.models.build import PRESETS, is_model_dir, preset_config
+    from minimind_scale.models.model_dir import check_model_dir
 
     if (run_dir / "final" / "config.json").is_file():
+        check_model_dir(run_dir / "final", "the run's final model", need_weights=False)
         return AutoConfig.from_pretrained(run_dir / "final")
     model = str(run.get("model", ""))
     if model in PRESETS:
         return preset_config(model, len(tokenizer), tokenizer, run.get("hidden_size"), run.get("num_hidden_layers"))
     if is_model_dir(model):
+        check_model_dir(model, "config.yaml: model", need_weights=False)
         return AutoConfig.from_pretrained(model)
     raise UserError(f"{run_dir / 'config.yaml'}: model '{model}' is neither a preset nor a model directory that "
                     "still exists, and the run has no final/config.json: the architecture cannot be rebuilt")
@@ -105,11 +108,13 @@ def lora_model(run_dir: Path, run: dict, weights: dict, ckpt: Path):
     from transformers import AutoModelForCausalLM
 
     from minimind_scale.models.build import is_model_dir
+    from minimind_scale.models.model_dir import check_model_dir
 
     base = str(run.get("model", ""))
     if not is_model_dir(base):
         raise UserError(f"{ckpt} is a LoRA checkpoint but its base model '{base}' (config.yaml: model) is not a "
                         "model directory any more")
+    check_model_dir(base, "the LoRA base model (config.yaml: model)")
     targets = run.get("target_modules") or run.get("lora_target_modules")
     if not targets:  # the layers that carry adapters, read from the weights themselves
         targets = sorted({k.split(".lora_A.")[0].split(".")[-1] for k in weights if ".lora_A." in k})

@@ -6,19 +6,16 @@ from pathlib import Path
 import torch
 
 from minimind_scale.errors import UserError
-from minimind_scale.models.build import is_model_dir, load_tokenizer
+from minimind_scale.models.build import load_tokenizer
+from minimind_scale.models.model_dir import check_model_dir
 
 
 def check_reward_model(path: str, needed_by: str) -> None:
     """A reward model gives one number per conversation: a sequence classifier with num_labels 1."""
     from transformers import AutoConfig
 
-    if not is_model_dir(path):
-        raise UserError(f"{needed_by} {path}: not a Hugging Face model directory (no config.json)")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: the model failed to load ({type(e).__name__}: {e})") from None
+    check_model_dir(path, needed_by)  # its config loads, so AutoConfig below cannot fail
+    config = AutoConfig.from_pretrained(path)
     if config.num_labels != 1:
         kind = ", ".join(config.architectures or []) or config.model_type
         raise UserError(f"{path} is not a reward model: it has num_labels {config.num_labels} ({kind}); {needed_by} "

@@ -38,6 +38,7 @@ from minimind_scale.training.distributed import (
 from minimind_scale.training.held_out import check_held_out, prepare_held_out, write_held_out_records
 from minimind_scale.training.metrics import MetricsLog
 from minimind_scale.training.optimization import build_optimizer, build_scheduler
+from minimind_scale.training.out_dir import check_out_dir, hold_out_dir
 from minimind_scale.training.registry import StageSpec
 from minimind_scale.training.telemetry import Throughput
 
@@ -86,6 +87,7 @@ def check_before_loading(spec: StageSpec, cfg: TrainConfig, env: LaunchEnv) -> t
         if cfg.nan_policy == "skip_step":
             raise UserError("nan_policy skip_step cannot be used with --deepspeed: DeepSpeed applies the update "
                             "inside backward, before the loss can be checked. Use nan_policy stop.")
+    check_out_dir(cfg.out_dir)
     checkpoint = find_resume_checkpoint(cfg.resume, Path(cfg.out_dir))
     written_by = read_state(checkpoint).world_size if checkpoint is not None else env.world_size
     if written_by != env.world_size:
@@ -166,6 +168,8 @@ def setup(spec: StageSpec, cfg: TrainConfig) -> Run:
     env = LaunchEnv.from_environ()
     say = print if env.is_main else (lambda *a, **k: None)
     attention, checkpoint = check_before_loading(spec, cfg, env)
+    if env.is_main:  # before tokenising, so that a second run into this out_dir stops at once
+        hold_out_dir(cfg.out_dir, say)  # released at exit, however the run ends
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     data, report, eval_sets = prepare_data(spec, cfg, tokenizer, env.is_local_main, say)
     if checkpoint is not None:

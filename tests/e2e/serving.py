@@ -61,3 +61,10 @@ def post_json(url: str, body: bytes | dict, timeout: float = 60.0) -> tuple[int,
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def is_openai_error(body) -> bool:
+    """Whether a response body has OpenAI's error shape: {"error": {"message": str, "type": str, ...}}."""
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and isinstance(error.get("message"), str) and bool(error["message"]) \
+        and isinstance(error.get("type"), str)

@@ -7,11 +7,14 @@ comparisons below need.
 from __future__ import annotations
 
 import json
+import socket
+import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serving import post_json, running_server
+from serving import is_openai_error, post_json, running_server
 
 from conftest import cli_in_process
 
@@ -25,10 +28,14 @@ ANSWER_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def server(tool_memorised_model, data_cache, tmp_path_factory):
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def server(tool_memorised_model, data_cache, server_log):
     model_dir, tasks_file, _ = tool_memorised_model
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with running_server(model_dir, log, data_cache) as url:
+    with running_server(model_dir, server_log, data_cache) as url:
         yield url, read_agent_tasks(tasks_file)[0]
 
 
@@ -199,3 +206,66 @@ def test_a_missing_model_or_a_taken_port_exits_2_with_one_message(server, tool_m
     port = server[0].rsplit(":", 1)[1]  # held by the running server
     code, err = cli_in_process(["serve", "--model", str(tool_memorised_model[0]), "--port", port], capsys)
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err, err
+
+
+HOSTILE_REQUESTS = {  # each once answered 500
+    "a lone surrogate in the text": (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
+                                     "messages[0].content"),
+    "a lone surrogate in a tool description": (
+        b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": '
+        b'{"name": "f", "description": "\\udfff"}}]}', "tools[0].function.description"),
+    "JSON nested 1000 deep in an ignored field": (
+        b'{"messages": [{"role": "user", "content": "hi"}], "metadata": ' + b"[" * 1000 + b"]" * 1000 + b"}", None),
+    "a render argument as a template variable": (
+        b'{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"tokenize": true}}',
+        "chat_template_kwargs.tokenize"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_REQUESTS)
+def test_hostile_but_valid_json_gets_400_naming_the_field(server, name):
+    body, param = HOSTILE_REQUESTS[name]
+    status, answer = post_json(server[0] + "/v1/chat/completions", body)
+    assert status == 400 and is_openai_error(answer), answer
+    assert answer["error"]["param"] == param
+    assert "Error" not in answer["error"]["message"], "a Python exception's name is no message for a client"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tiny_temperature_is_greedy(client, stream):
+    greedy = ask(client, user("hello"))
+    assert ask(client, user("hello"), stream=stream, temperature=1e-45) == greedy
+
+
+def test_a_non_json_content_type_gets_415(server):
+    request = urllib.request.Request(server[0] + "/v1/chat/completions", method="POST",
+                                     data=json.dumps({"messages": user("hi")}).encode(),
+                                     headers={"Content-Type": "text/plain"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 415 and is_openai_error(json.loads(caught.value.read()))
+
+
+def test_the_openapi_document_describes_the_chat_request(server):
+    with urllib.request.urlopen(server[0] + "/openapi.json", timeout=10) as r:
+        document = json.loads(r.read())
+    operation = document["paths"]["/v1/chat/completions"]["post"]
+    ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    request = document["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert {"messages", "temperature", "tools", "stream"} <= request["properties"].keys()
+    assert "greedy" in request["properties"]["temperature"]["description"]
+    assert {"200", "400", "415"} <= operation["responses"].keys()
+
+
+def test_a_client_that_hangs_up_mid_body_is_one_log_line(server, server_log):
+    host, port = server[0].removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"messages\": [")
+        time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while "before sending the whole request body" not in server_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines = [line for line in server_log.read_text().splitlines() if "whole request body" in line]
+    assert len(lines) == 1, server_log.read_text()
+    assert "Traceback" not in server_log.read_text()
