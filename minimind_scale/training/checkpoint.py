@@ -175,7 +175,8 @@ def stage_state_file(checkpoint: Path, rank: int) -> Path:
 
 def save_checkpoint(accelerator, out_dir: Path, state: TrainState, keep: int, stage_state=None) -> Path:
     """Every rank writes its part (accelerate's state, the stage's own state) into one staging directory;
-    the main process writes the trainer state and publishes the directory last."""
+    the main process writes the trainer state, then the manifest of every file, and publishes the directory
+    last. Older checkpoints are pruned only once the new one is published, so an intact one always remains."""
     target = checkpoints_dir(out_dir) / f"step_{state.step}"
     staging = checkpoints_dir(out_dir) / f"{STAGING_PREFIX}{target.name}"
     if accelerator.is_main_process:

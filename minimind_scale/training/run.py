@@ -88,7 +88,7 @@ def check_before_loading(spec: StageSpec, cfg: TrainConfig, env: LaunchEnv) -> t
             raise UserError("nan_policy skip_step cannot be used with --deepspeed: DeepSpeed applies the update "
                             "inside backward, before the loss can be checked. Use nan_policy stop.")
     check_out_dir(cfg.out_dir)
-    checkpoint = find_resume_checkpoint(cfg.resume, Path(cfg.out_dir))
+    checkpoint = find_resume_checkpoint(cfg.resume, Path(cfg.out_dir), spec.name)
     written_by = read_state(checkpoint).world_size if checkpoint is not None else env.world_size
     if written_by != env.world_size:
         raise UserError(f"{checkpoint} was written by {written_by} process(es) and this run "
