@@ -168,12 +168,17 @@ def setup(spec: StageSpec, cfg: TrainConfig) -> Run:
     env = LaunchEnv.from_environ()
     say = print if env.is_main else (lambda *a, **k: None)
     attention, checkpoint = check_before_loading(spec, cfg, env)
-    if env.is_main:  # before tokenising, so that a second run into this out_dir stops at once
-        hold_out_dir(cfg.out_dir, say)  # released at exit, however the run ends
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
-    data, report, eval_sets = prepare_data(spec, cfg, tokenizer, env.is_local_main, say)
-    if checkpoint is not None:
-        check_same_data(checkpoint, data.selection.identity())
+    # Before tokenising, so that a second run into this out_dir stops at once; released at exit at the latest.
+    lock = hold_out_dir(cfg.out_dir, say) if env.is_main else None
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+        data, report, eval_sets = prepare_data(spec, cfg, tokenizer, env.is_local_main, say)
+        if checkpoint is not None:
+            check_same_data(checkpoint, data.selection.identity())
+    except BaseException:
+        if lock is not None:  # refused before writing anything: out_dir is left as the run found it
+            lock.release()
+        raise
 
     accelerator = make_accelerator(cfg, tracker_dir=cfg.out_dir)
     from accelerate.utils import set_seed
