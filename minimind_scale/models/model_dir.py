@@ -50,12 +50,17 @@ def _read_json(file: Path, what: str):
         raise UserError(f"{what} {file}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def _check_adapter_config(directory: Path, what: str) -> None:
-    file = directory / ADAPTER_CONFIG
+def _require_json_object(directory: Path, name: str, kind: str, what: str) -> None:
+    """`directory/name` exists and holds a JSON object; else UserError saying the directory is not a `kind`."""
+    file = directory / name
     if not file.is_file():
-        raise UserError(f"{what} {directory}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+        raise UserError(f"{what} {directory}: not a {kind} directory (no {name})")
     if not isinstance(_read_json(file, what), dict):
         raise UserError(f"{what} {file}: not a JSON object")
+
+
+def _check_adapter_config(directory: Path, what: str) -> None:
+    _require_json_object(directory, ADAPTER_CONFIG, "LoRA adapter", what)
 
 
 def _check_model_config(directory: Path, what: str) -> None:
@@ -63,17 +68,14 @@ def _check_model_config(directory: Path, what: str) -> None:
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    file = directory / CONFIG
-    if not file.is_file():
-        raise UserError(f"{what} {directory}: not a Hugging Face model directory (no {CONFIG})")
-    if not isinstance(_read_json(file, what), dict):
-        raise UserError(f"{what} {file}: not a JSON object")
+    _require_json_object(directory, CONFIG, "Hugging Face model", what)
     try:
         AutoConfig.from_pretrained(directory)
     except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as e:
         # transformers' messages run to several lines of advice; the first two say what is wrong.
         reason = " ".join(str(e).strip().splitlines()[:2])
-        raise UserError(f"{what} {file}: not a usable model config ({type(e).__name__}: {reason})") from None
+        raise UserError(f"{what} {directory / CONFIG}: not a usable model config "
+                        f"({type(e).__name__}: {reason})") from None
 
 
 def _weight_files(directory: Path, what: str, single_names: tuple[str, ...]) -> list[Path]:
