@@ -29,7 +29,6 @@ MOVED = {
     "engine": "training.engine",
     "eval_tools": "inference.eval_tools",
     "evaluate": "inference.evaluate",
-    "export": "models.export",
     "flops": "training.flops",
     "import_minimind": "models.import_minimind",
     "loader": "data.loader",

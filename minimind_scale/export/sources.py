@@ -1,4 +1,4 @@
-"""export: a training checkpoint (`OUT/checkpoints/step_N`) -> a Hugging Face model directory.
+"""What `export` reads: a training checkpoint (`OUT/checkpoints/step_N`) or a model directory, as models in memory.
 
 A checkpoint is accelerate's save_state output and holds weights only: the architecture and the
 tokenizer come from the run's own config.yaml (OUT/config.yaml), exactly as the run built them.
@@ -8,31 +8,15 @@ checkpoint whose shards are gathered into one fp32 state dict.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
+from transformers import AutoModelForCausalLM
 
-from minimind_scale.config import StrictConfig, load_yaml
+from minimind_scale.config import load_yaml
 from minimind_scale.errors import UserError
-from minimind_scale.models.yarn import DEFAULT_ORIGINAL_POSITIONS, YarnFactor, YarnOriginalPositions, apply_yarn
+from minimind_scale.models.build import load_tokenizer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_MARKERS = ("lora_A", "lora_B")
-
-
-class ExportConfig(StrictConfig):
-    """Turn a checkpoint directory (OUT/checkpoints/step_N, plain or DeepSpeed ZeRO) into a model
-    directory (config.json, model.safetensors, tokenizer, generation_config.json) that
-    AutoModelForCausalLM loads with no custom code and every stage accepts as --model."""
-
-    checkpoint: str = Field(..., description="a checkpoint directory: OUT/checkpoints/step_N")
-    out_dir: str = Field(..., description="where the Hugging Face model directory is written")
-    merge_lora: bool = Field(False, description="LoRA runs: merge the adapter into the base and write a full model "
-                                                "(default: write the adapter)")
-    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="precision of the written weights")
-    yarn_factor: YarnFactor = None
-    yarn_original_max_position_embeddings: YarnOriginalPositions = DEFAULT_ORIGINAL_POSITIONS
 
 
 def is_zero_checkpoint(ckpt: Path) -> bool:
@@ -105,7 +89,6 @@ def load_weights(model, weights: dict[str, torch.Tensor], ckpt: Path) -> None:
 def lora_model(run_dir: Path, run: dict, weights: dict, ckpt: Path):
     """The run's base model wrapped in the LoRA config it trained with, holding the checkpoint's weights."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from minimind_scale.models.build import is_model_dir
     from minimind_scale.models.model_dir import check_model_dir
@@ -126,13 +109,6 @@ def lora_model(run_dir: Path, run: dict, weights: dict, ckpt: Path):
     return model
 
 
-def with_yarn(model, cfg: ExportConfig):
-    """`model` with the YaRN options set in its config. Only the written config changes: YaRN rescales
-    positions when the model runs, not its weights."""
-    apply_yarn(model.config, cfg.yarn_factor, cfg.yarn_original_max_position_embeddings)
-    return model
-
-
 def training_stage(ckpt: Path):
     """The StageSpec that wrote the checkpoint, where its trainer state names one that is registered."""
     from minimind_scale.training import registry
@@ -145,40 +121,40 @@ def training_stage(ckpt: Path):
     return registry.get_stage(stage) if stage in registry.all_names() else None
 
 
-def run(cfg: ExportConfig) -> Path:
-    from transformers import AutoModelForCausalLM
 
-    from minimind_scale.models.build import load_tokenizer, save_hf
 
-    ckpt = Path(cfg.checkpoint)
+def checkpoint_models(ckpt: Path, merge_lora: bool, lora_expected: bool = True) -> tuple[dict, object]:
+    """({subdir: model}, tokenizer) of a checkpoint: one causal LM under "" (a LoRA run's PeftModel unless
+    `merge_lora`), plus a critic under "critic" for a stage that publishes one. `merge_lora` on a checkpoint
+    without LoRA weights is the user's mistake when `lora_expected` (they asked for it), else nothing."""
     run_dir, run_cfg = read_run_config(ckpt)
     tokenizer = load_tokenizer(run_cfg.get("tokenizer"), run_cfg.get("model"))
     weights = load_checkpoint_weights(ckpt)
-    out = Path(cfg.out_dir)
     if any(m in k for k in weights for m in LORA_MARKERS):
         model = lora_model(run_dir, run_cfg, weights, ckpt)
-        if cfg.merge_lora:
-            save_hf(with_yarn(model.merge_and_unload(), cfg).to(DTYPES[cfg.dtype]), tokenizer, out)
-        else:
-            if cfg.yarn_factor is not None:
-                raise UserError("--yarn_factor: an adapter has no config of its own to carry it; add --merge_lora "
-                                "true to write a full model, or pass --yarn_factor to chat/serve/eval with it")
-            # Without merging, the natural export of a LoRA run is its adapter, as final/ holds it.
-            model.to(DTYPES[cfg.dtype]).save_pretrained(out)
-            tokenizer.save_pretrained(out)
+        return {"": model.merge_and_unload() if merge_lora else model}, tokenizer
+    if merge_lora and lora_expected:
+        raise UserError(f"--merge_lora: {ckpt} holds no LoRA weights (no lora_A / lora_B keys)")
+    spec = training_stage(ckpt)
+    if spec is not None and spec.build_model is not None:  # another class than a causal LM (a reward model)
+        model = spec.build_model(spec.config(**run_cfg), tokenizer)
     else:
-        if cfg.merge_lora:
-            raise UserError(f"--merge_lora: {ckpt} holds no LoRA weights (no lora_A / lora_B keys)")
-        spec = training_stage(ckpt)
-        if spec is not None and spec.build_model is not None:  # another class than a causal LM (a reward model)
-            model = spec.build_model(spec.config(**run_cfg), tokenizer)
-        else:
-            model = AutoModelForCausalLM.from_config(model_config(run_dir, run_cfg, tokenizer), dtype=torch.float32)
-        load_weights(model, weights, ckpt)
-        parts = spec.published_models(model) if spec is not None else {"": model}
-        for subdir, part in parts.items():  # a policy and its critic: out/ and out/critic/
-            save_hf(with_yarn(part, cfg).to(DTYPES[cfg.dtype]), tokenizer, out / subdir)
-    note = (" (adapter only; --merge_lora writes a full model)"
-            if any(".lora_A." in k for k in weights) and not cfg.merge_lora else "")
-    print(f"exported {ckpt}{' (ZeRO)' if is_zero_checkpoint(ckpt) else ''} -> {out}{note}")
-    return out
+        model = AutoModelForCausalLM.from_config(model_config(run_dir, run_cfg, tokenizer), dtype=torch.float32)
+    load_weights(model, weights, ckpt)
+    return (spec.published_models(model) if spec is not None else {"": model}), tokenizer
+
+
+def directory_model(model_dir: str, adapter: str | None) -> tuple[object, object]:
+    """(model, tokenizer) of a model directory in fp32 on the CPU, a LoRA `adapter` merged into it."""
+    from transformers import AutoConfig
+
+    from minimind_scale.inference.loading import load_chat_model
+    from minimind_scale.models.model_dir import check_model_dir
+
+    check_model_dir(model_dir, "--model")
+    architectures = AutoConfig.from_pretrained(model_dir).architectures or []
+    if not all(name.endswith("ForCausalLM") for name in architectures):
+        raise UserError(f"--model {model_dir}: a {', '.join(architectures)} is not a causal LM; export reads "
+                        "causal LM directories (a reward model's or critic's own directory is already its export)")
+    model, tokenizer = load_chat_model(model_dir, adapter, dtype="fp32", device="cpu")
+    return (model.merge_and_unload() if adapter is not None else model), tokenizer
