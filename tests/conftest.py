@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared (real data, MiniMind tokenizer) is absent")
 
 
-CI_REQUIREMENTS = ("fastapi", "uvicorn", "openai", "selenium", "xdist", "schemathesis")
+CI_REQUIREMENTS = ("fastapi", "uvicorn", "openai", "selenium", "xdist", "schemathesis", "gguf", "llama_cpp")
 
 
 def pytest_sessionstart(session):
@@ -32,7 +32,7 @@ def pytest_sessionstart(session):
     import shutil
 
     missing = [name for name in CI_REQUIREMENTS if importlib.util.find_spec(name) is None]
-    missing += [tool for tool in ("chromium", "chromedriver") if shutil.which(tool) is None]
+    missing += [tool for tool in ("chromium", "chromedriver", "go") if shutil.which(tool) is None]
     missing += [] if SHARED.is_dir() else [str(SHARED)]
     if missing:
         raise pytest.UsageError(f"CI=true but these are missing (an install step failed): {', '.join(missing)}")

@@ -14,6 +14,7 @@ break), then:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -230,7 +231,6 @@ def test_file_carries_the_tokenizers_chat_template_and_special_tokens(gguf_files
 
 
 def test_modelfile_stops_and_markup_are_the_tokenizers(gguf_files, hf_models):
-    from minimind_scale.chat.messages import normalize_messages
     from minimind_scale.export.ollama import TEMPLATE, chatml_prompt
 
     _, tokenizer = hf_models
@@ -247,14 +247,56 @@ def test_modelfile_stops_and_markup_are_the_tokenizers(gguf_files, hf_models):
     assert "PARAMETER temperature 0.85" in text and "PARAMETER top_p 0.85" in text
     # The layout TEMPLATE spells out is the tokenizer's: conversations with system turns, tool declarations,
     # tool calls and tool results render identically through the tokenizer's Jinja template.
-    for record in read_jsonl("sft_zh_toolcall_glaive.jsonl", 30):
-        messages, tools = normalize_messages(record)
-        last_user = max(i for i, m in enumerate(messages) if m["role"] in ("user", "tool"))
-        prompt = [m for m in messages[:last_user + 1]]
-        ours = [dict(m, tool_calls=[c.get("function", c) for c in m["tool_calls"]]) if m.get("tool_calls") else m
-                for m in prompt]
-        expected = tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=True)
+    for ours, tools in tool_call_prompts(tokenizer, 30):
+        hf_messages = [dict(m, tool_calls=[{"type": "function", "function": c} for c in m["tool_calls"]])
+                       if m.get("tool_calls") else m for m in ours]
+        expected = tokenizer.apply_chat_template(hf_messages, tools=tools, tokenize=False, add_generation_prompt=True)
         assert chatml_prompt(ours, tools) == expected
+
+
+def tool_call_prompts(tokenizer, count: int) -> list[tuple[list[dict], list | None]]:
+    """Shared tool-calling conversations cut after their last user or tool turn, and their tools."""
+    from minimind_scale.chat.messages import normalize_messages
+
+    prompts = []
+    for record in read_jsonl("sft_zh_toolcall_glaive.jsonl", count):
+        messages, tools = normalize_messages(record)
+        last = max(i for i, m in enumerate(messages) if m["role"] in ("user", "tool"))
+        prompts.append(([dict(m, tool_calls=[c.get("function", c) for c in m["tool_calls"]]) if m.get("tool_calls")
+                         else m for m in messages[:last + 1]], tools))
+    return prompts
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (CI installs golang-go)")
+def test_modelfile_template_runs_in_go_as_the_tokenizers_template(hf_models, tmp_path):
+    """TEMPLATE executed by Go's text/template (Ollama's engine) over Ollama-shaped data renders 60 shared
+    tool-calling conversations, plain chats and consecutive tool results exactly as the tokenizer's template."""
+    import subprocess
+
+    from minimind_scale.export.ollama import TEMPLATE
+
+    _, tokenizer = hf_models
+    render = tmp_path / "render"
+    subprocess.run(["go", "build", "-o", str(render), str(Path(__file__).parent / "ollama_render" / "main.go")],
+                   check=True, env={**os.environ, "GOCACHE": str(tmp_path / "gocache")})
+    cases = tool_call_prompts(tokenizer, 60)
+    cases += [([{"role": "user", "content": r["conversations"][0]["content"]}], None)
+              for r in read_jsonl("sft_en_alpaca_demo.jsonl", 10)]
+    cases.append(([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                   {"role": "assistant", "content": "", "tool_calls": [{"name": "add", "arguments": {"a": 2}},
+                                                                      {"name": "add", "arguments": {"b": 2}}]},
+                   {"role": "tool", "content": "2"}, {"role": "tool", "content": "4"}], None))
+    for messages, tools in cases:
+        request = {"Template": TEMPLATE, "Tools": [json.dumps(t, ensure_ascii=False) for t in tools or []],
+                   "Messages": [{"Role": m["role"], "Content": m["content"],
+                                 "ToolCalls": [{"Name": c["name"], "Arguments": json.dumps(c["arguments"],
+                                                                                         ensure_ascii=False)}
+                                               for c in m.get("tool_calls") or []]} for m in messages]}
+        done = subprocess.run([str(render)], input=json.dumps(request), capture_output=True, text=True, check=True)
+        hf_messages = [dict(m, tool_calls=[{"type": "function", "function": c} for c in m["tool_calls"]])
+                       if m.get("tool_calls") else m for m in messages]
+        expected = tokenizer.apply_chat_template(hf_messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        assert done.stdout == expected, messages
 
 
 # ----------------------------------------------------------------------------- other sources
