@@ -60,12 +60,13 @@ def encoded(array: np.ndarray, qtype: Q) -> np.ndarray:
     return gguf.quants.quantize(array, qtype)
 
 
-def write_float_gguf(model, tokenizer, path: Path, gguf_type: str) -> None:
-    """`model` as a GGUF file of one of the types the writer produces itself (f32, f16, bf16, q8_0)."""
+def write_float_gguf(model, tokenizer, path: Path, gguf_type: str, name: str) -> None:
+    """`model` as a GGUF file of one of the types the writer produces itself (f32, f16, bf16, q8_0), called
+    `name` in its metadata."""
     arch = gguf_architecture(model)
     requested, file_type = WRITTEN_TYPES[gguf_type]
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(Path(getattr(model.config, "_name_or_path", "") or "minimind").name or "minimind")
+    writer.add_name(name)
     add_hyperparameters(writer, model.config)
     writer.add_file_type(file_type)
     add_tokenizer(writer, tokenizer, model.config.vocab_size)
@@ -87,10 +88,10 @@ def write_gguf(model, tokenizer, out: Path, gguf_type: str) -> None:
     f32 = out.with_name(f".{out.name}.f32.partial")
     try:
         if gguf_type == "q4_k_m":
-            write_float_gguf(model, tokenizer, f32, "f32")
+            write_float_gguf(model, tokenizer, f32, "f32", out.stem)
             quantize(f32, partial, gguf_type)
         else:
-            write_float_gguf(model, tokenizer, partial, gguf_type)
+            write_float_gguf(model, tokenizer, partial, gguf_type, out.stem)
         modelfile = out.parent / MODELFILE
         modelfile_partial = modelfile.with_name(f".{MODELFILE}.partial")
         modelfile_partial.write_text(modelfile_text(out.name, tokenizer, model.generation_config))

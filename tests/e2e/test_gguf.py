@@ -224,6 +224,7 @@ def test_file_carries_the_tokenizers_chat_template_and_special_tokens(gguf_files
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert fields["tokenizer.ggml.add_bos_token"] is False
     assert fields["general.architecture"] == "qwen3moe" and fields["qwen3moe.expert_count"] == 4
+    assert fields["general.name"] == "model"  # the file's own name, model.gguf
     assert gguf_fields(gguf_files["dense", "f16"])["general.architecture"] == "qwen3"
     # llama.cpp reads the template back and renders a conversation with it as transformers does.
     vocab = llama(gguf_files["dense", "f16"], vocab_only=True)
