@@ -243,6 +243,17 @@ def test_export_zero2_checkpoint_matches_final(tmp_path, data_cache, small_sft, 
     ok(["export", "--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "exported")], capsys)
     got, final = hf_logits(tmp_path / "exported", IDS), hf_logits(out / "final", IDS)
     assert (got - final).abs().max() < 1e-5
+    # --format gguf reads ZeRO shards the same way: the same tensors as the file of the final directory.
+    import gguf
+
+    files = {"ckpt": ["--checkpoint", str(ckpt)], "final": ["--model", str(out / "final")]}
+    for name, source in files.items():
+        (tmp_path / name).mkdir()
+        ok(["export", *source, "--format", "gguf", "--out_file", str(tmp_path / name / "m.gguf"), "--gguf_type",
+            "f32"], capsys)
+    tensors = [{t.name: t.data.tobytes() for t in gguf.GGUFReader(tmp_path / name / "m.gguf").tensors}
+               for name in files]
+    assert tensors[0] == tensors[1] and "token_embd.weight" in tensors[0]
 
 
 def test_export_merges_lora(sft_run, tmp_path, data_cache, small_sft, capsys):

@@ -11,33 +11,46 @@ from __future__ import annotations
 
 import json
 
-MODELFILE = "Modelfile"
+from minimind_scale.chat.markup import (
+    ASSISTANT_HEADER,
+    EMPTY_THINK,
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    TOOL_RESPONSE_CLOSE,
+    TOOL_RESPONSE_OPEN,
+    TURN_END,
+    TURN_START,
+)
+from minimind_scale.chat.template import SYSTEM_HEADER, TOOLS_INTRO, TOOLS_OUTRO
 
-TOOLS_PREAMBLE = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
-                  "with function signatures within <tools></tools> XML tags:\n<tools>")
-TOOLS_CLOSING = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-                 "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-                 "<args-json-object>}\n</tool_call>")
-GENERATION_PROMPT = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+MODELFILE = "Modelfile"
+GENERATION_PROMPT = ASSISTANT_HEADER + EMPTY_THINK
+END_OF_TURN = TURN_END + "\n"
+TOOL_RESULT_OPEN, TOOL_RESULT_CLOSE = "\n" + TOOL_RESPONSE_OPEN + "\n", "\n" + TOOL_RESPONSE_CLOSE
+THOUGHT_OPEN, THOUGHT_CLOSE = ASSISTANT_HEADER + THINK_OPEN + "\n", "\n" + THINK_CLOSE + "\n\n"
+CALL_OPEN, CALL_CLOSE = TOOL_CALL_OPEN + '\n{"name": "', "}\n" + TOOL_CALL_CLOSE
 
 # Go text/template, as Ollama runs it: .Tools, and .Messages (.Role, .Content, .Thinking, .ToolCalls) with the
 # system turn as their first message. No `{{-` trimming: the literal text is exactly the layout, newlines
 # included. $prev and $next are the neighbouring roles: consecutive tool results share one user turn.
 TEMPLATE = (
     '{{ $first := "" }}{{ if .Messages }}{{ $first = (index .Messages 0).Role }}{{ end }}'
-    '{{ if .Tools }}<|im_start|>system\n{{ if eq $first "system" }}{{ (index .Messages 0).Content }}\n\n{{ end }}'
-    + TOOLS_PREAMBLE + '{{ range .Tools }}\n{{ . }}{{ end }}' + TOOLS_CLOSING + '<|im_end|>\n'
-    '{{ else if eq $first "system" }}<|im_start|>system\n{{ (index .Messages 0).Content }}<|im_end|>\n{{ end }}'
-    '{{ $prev := "" }}{{ range $i, $m := .Messages }}{{ $rest := slice $.Messages $i }}'
+    '{{ if .Tools }}' + SYSTEM_HEADER + '{{ if eq $first "system" }}{{ (index .Messages 0).Content }}\n\n{{ end }}'
+    + TOOLS_INTRO + '{{ range .Tools }}\n{{ . }}{{ end }}' + TOOLS_OUTRO
+    + '{{ else if eq $first "system" }}' + SYSTEM_HEADER + '{{ (index .Messages 0).Content }}' + END_OF_TURN
+    + '{{ end }}{{ $prev := "" }}{{ range $i, $m := .Messages }}{{ $rest := slice $.Messages $i }}'
     '{{ $last := eq (len $rest) 1 }}{{ $next := "" }}{{ if not $last }}{{ $next = (index $rest 1).Role }}{{ end }}'
     '{{ if or (eq $m.Role "user") (and (eq $m.Role "system") $i) }}'
-    '<|im_start|>{{ $m.Role }}\n{{ $m.Content }}<|im_end|>\n'
-    '{{ else if eq $m.Role "assistant" }}<|im_start|>assistant\n<think>\n{{ $m.Thinking }}\n</think>\n\n'
-    '{{ $m.Content }}{{ range $j, $c := $m.ToolCalls }}{{ if or $m.Content $j }}\n{{ end }}<tool_call>\n'
-    '{"name": "{{ $c.Function.Name }}", "arguments": {{ $c.Function.Arguments }}}\n</tool_call>{{ end }}<|im_end|>\n'
-    '{{ else if eq $m.Role "tool" }}{{ if ne $prev "tool" }}<|im_start|>user{{ end }}'
-    '\n<tool_response>\n{{ $m.Content }}\n</tool_response>{{ if ne $next "tool" }}<|im_end|>\n{{ end }}{{ end }}'
-    '{{ $prev = $m.Role }}{{ end }}'
+    + TURN_START + '{{ $m.Role }}\n{{ $m.Content }}' + END_OF_TURN
+    + '{{ else if eq $m.Role "assistant" }}' + THOUGHT_OPEN + '{{ $m.Thinking }}' + THOUGHT_CLOSE
+    + '{{ $m.Content }}{{ range $j, $c := $m.ToolCalls }}{{ if or $m.Content $j }}\n{{ end }}'
+    + CALL_OPEN + '{{ $c.Function.Name }}", "arguments": {{ $c.Function.Arguments }}' + CALL_CLOSE
+    + '{{ end }}' + END_OF_TURN
+    + '{{ else if eq $m.Role "tool" }}{{ if ne $prev "tool" }}' + TURN_START + 'user{{ end }}'
+    + TOOL_RESULT_OPEN + '{{ $m.Content }}' + TOOL_RESULT_CLOSE + '{{ if ne $next "tool" }}' + END_OF_TURN
+    + '{{ end }}{{ end }}{{ $prev = $m.Role }}{{ end }}'
     '{{ if ne $prev "assistant" }}' + GENERATION_PROMPT + '{{ end }}'
 )
 
@@ -50,23 +63,22 @@ def chatml_prompt(messages: list[dict], tools: list[dict] | None = None) -> str:
     if tools:
         system = messages[0]["content"] + "\n\n" if first == "system" else ""
         declared = "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
-        out += f"<|im_start|>system\n{system}{TOOLS_PREAMBLE}{declared}{TOOLS_CLOSING}<|im_end|>\n"
+        out += SYSTEM_HEADER + system + TOOLS_INTRO + declared + TOOLS_OUTRO
     elif first == "system":
-        out += f"<|im_start|>system\n{messages[0]['content']}<|im_end|>\n"
+        out += SYSTEM_HEADER + messages[0]["content"] + END_OF_TURN
     roles = [m["role"] for m in messages]
     for i, m in enumerate(messages):
         prev, next_ = (roles[i - 1] if i else ""), (roles[i + 1] if i + 1 < len(roles) else "")
         if m["role"] == "user" or (m["role"] == "system" and i):
-            out += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+            out += TURN_START + m["role"] + "\n" + m["content"] + END_OF_TURN
         elif m["role"] == "assistant":
-            calls = "".join(("\n" if (m["content"] or j) else "") + "<tool_call>\n{\"name\": \"" + c["name"]
-                            + "\", \"arguments\": " + json.dumps(c["arguments"], ensure_ascii=False) + "}\n</tool_call>"
+            calls = "".join(("\n" if (m["content"] or j) else "") + CALL_OPEN + c["name"] + '", "arguments": '
+                            + json.dumps(c["arguments"], ensure_ascii=False) + CALL_CLOSE
                             for j, c in enumerate(m.get("tool_calls") or []))
-            out += f"<|im_start|>assistant\n<think>\n{m.get('thinking', '')}\n</think>\n\n{m['content']}{calls}" \
-                   "<|im_end|>\n"
+            out += THOUGHT_OPEN + m.get("thinking", "") + THOUGHT_CLOSE + m["content"] + calls + END_OF_TURN
         elif m["role"] == "tool":
-            out += ("<|im_start|>user" if prev != "tool" else "") + f"\n<tool_response>\n{m['content']}\n" \
-                   "</tool_response>" + ("<|im_end|>\n" if next_ != "tool" else "")
+            out += (TURN_START + "user" if prev != "tool" else "") + TOOL_RESULT_OPEN + m["content"] \
+                + TOOL_RESULT_CLOSE + (END_OF_TURN if next_ != "tool" else "")
     return out + (GENERATION_PROMPT if roles[-1:] != ["assistant"] else "")
 
 
@@ -91,7 +103,7 @@ def template_matches(tokenizer) -> bool:
 
 def stop_tokens(tokenizer) -> list[str]:
     """The tokens that end a reply: end of turn (eos) and end of text, where the tokenizer has them."""
-    stops = [tokenizer.eos_token, "<|im_end|>", "<|endoftext|>"]
+    stops = [tokenizer.eos_token, TURN_END, "<|endoftext|>"]
     vocab = tokenizer.get_vocab()
     return [t for i, t in enumerate(stops) if t and t in vocab and t not in stops[:i]]
 

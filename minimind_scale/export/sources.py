@@ -121,8 +121,6 @@ def training_stage(ckpt: Path):
     return registry.get_stage(stage) if stage in registry.all_names() else None
 
 
-
-
 def checkpoint_models(ckpt: Path, merge_lora: bool, lora_expected: bool = True) -> tuple[dict, object]:
     """({subdir: model}, tokenizer) of a checkpoint: one causal LM under "" (a LoRA run's PeftModel unless
     `merge_lora`), plus a critic under "critic" for a stage that publishes one. `merge_lora` on a checkpoint
