@@ -8,7 +8,8 @@ break), then:
 - greedy generation: the f32 file continues 20 prompts for 32 tokens exactly as transformers does (>= 18 of 20);
   f16, bf16, q8_0 and q4_k_m report their agreement and mean log-prob gap;
 - the chat template inside the file is the tokenizer's own, character for character; the Modelfile's stop
-  tokens and markup are the tokenizer's;
+  tokens and markup are the tokenizer's, and its TEMPLATE, executed by Go's text/template, renders
+  conversations as the tokenizer's template does;
 - checkpoints (LoRA merged) and YaRN export as a model directory does; bad requests exit 2.
 """
 from __future__ import annotations
