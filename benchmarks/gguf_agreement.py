@@ -28,7 +28,14 @@ SHARED = REPO.parent / "shared"
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO / "tests" / "e2e"))  # the suite's own llama.cpp / transformers comparison
 
-from gguf_helpers import agreement, close_all, hf_reference, llama, read_jsonl  # noqa: E402
+from gguf_helpers import (  # noqa: E402
+    agreement,
+    close_all,
+    greedy_prompts,
+    hf_reference,
+    llama,
+    write_training_conversations,
+)
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 PRESETS = {"dense": "tiny", "moe": "minimind3-moe"}
@@ -38,18 +45,6 @@ def cli(*args: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-m", "minimind_scale", *args], check=True, env=env, cwd=REPO,
                    stdout=subprocess.DEVNULL)
-
-
-def prompts(tokenizer) -> list[list[int]]:
-    from minimind_scale.chat.template import render_chat
-
-    out = []
-    for name in ("sft_en_alpaca_demo.jsonl", "sft_zh_alpaca_demo.jsonl"):
-        for record in read_jsonl(name, 10):
-            user = [m for m in record["conversations"] if m["role"] == "user"][:1]
-            text = render_chat(user, None, tokenizer, add_generation_prompt=True)
-            out.append(tokenizer(text, add_special_tokens=False).input_ids[-160:])
-    return out
 
 
 def main() -> None:
@@ -65,9 +60,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="gguf_agreement_"))
-    data = work / "conversations.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for name in
-                            ("sft_en_alpaca_demo.jsonl", "sft_zh_alpaca_demo.jsonl") for r in read_jsonl(name, 16)))
+    data = write_training_conversations(work / "conversations.jsonl")
     rows = []
     for kind, preset in PRESETS.items():
         run = work / kind
@@ -80,7 +73,7 @@ def main() -> None:
         print(f"{kind}: trained in {time.time() - started:.0f} s", flush=True)
         model = AutoModelForCausalLM.from_pretrained(run / "final").eval()
         tokenizer = AutoTokenizer.from_pretrained(run / "final")
-        reference_prompts = prompts(tokenizer)
+        reference_prompts = greedy_prompts(tokenizer)
         reference = hf_reference(model, reference_prompts, 32)
         for gguf_type in TYPES:
             out = work / f"{kind}-{gguf_type}" / "model.gguf"

@@ -82,11 +82,10 @@ def load_models(cfg: ExportConfig, merge_lora: bool) -> tuple[dict, object]:
 
 
 def export_hf(cfg: ExportConfig) -> Path:
-    import torch
-
+    from minimind_scale.inference.loading import DTYPES
     from minimind_scale.models.build import save_hf
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+    dtype = DTYPES[cfg.dtype]
     parts, tokenizer = load_models(cfg, cfg.merge_lora)
     out = Path(cfg.out_dir)
     adapter_only = hasattr(parts[""], "peft_config")
@@ -116,7 +115,9 @@ def export_gguf(cfg: ExportConfig) -> Path:
 def run(cfg: ExportConfig) -> Path:
     source = cfg.checkpoint or cfg.model
     out = export_hf(cfg) if cfg.format == "hf" else export_gguf(cfg)
-    zero = " (ZeRO)" if cfg.checkpoint and (Path(cfg.checkpoint) / "latest").is_file() else ""
+    from minimind_scale.export.sources import is_zero_checkpoint
+
+    zero = " (ZeRO)" if cfg.checkpoint and is_zero_checkpoint(Path(cfg.checkpoint)) else ""
     adapter_only = cfg.format == "hf" and (out / "adapter_config.json").is_file()
     note = " (adapter only; --merge_lora writes a full model)" if adapter_only else ""
     if cfg.format == "gguf":

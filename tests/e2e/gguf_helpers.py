@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+TRAIN_FILES = ["sft_en_alpaca_demo.jsonl", "sft_zh_alpaca_demo.jsonl"]
 
 
 OPEN: list = []  # every llama.cpp model loaded, closed by close_all() before the interpreter tears down
@@ -91,3 +92,23 @@ def read_jsonl(name: str, count: int, start: int = 0) -> list[dict]:
     with open(SHARED_DATA / name, encoding="utf-8") as f:
         lines = [line for _, line in zip(range(start + count), f)]
     return [json.loads(line) for line in lines[start:]]
+
+
+def write_training_conversations(path: Path) -> Path:
+    """The 32 shared conversations (16 English, 16 Chinese) the GGUF tests' models are trained to reproduce."""
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for name in TRAIN_FILES
+                            for r in read_jsonl(name, 16)))
+    return path
+
+
+def greedy_prompts(tokenizer) -> list[list[int]]:
+    """20 chat prompts (10 English, 10 Chinese): the user turns of trained conversations, as generation prompts."""
+    from minimind_scale.chat.template import render_chat
+
+    prompts = []
+    for name in TRAIN_FILES:
+        for record in read_jsonl(name, 10):
+            user = [m for m in record["conversations"] if m["role"] == "user"][:1]
+            text = render_chat(user, None, tokenizer, add_generation_prompt=True)
+            prompts.append(tokenizer(text, add_special_tokens=False).input_ids[-160:])
+    return prompts

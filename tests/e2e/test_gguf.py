@@ -23,13 +23,23 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, cli_output_in_process, needs_shared, run_cli
-from gguf_helpers import agreement, close_all, hf_logprobs, hf_reference, llama, llama_ids, llama_logprobs, read_jsonl
+from gguf_helpers import (
+    agreement,
+    close_all,
+    greedy_prompts,
+    hf_logprobs,
+    hf_reference,
+    llama,
+    llama_ids,
+    llama_logprobs,
+    read_jsonl,
+    write_training_conversations,
+)
 
 pytestmark = [needs_shared]
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [gguf] extra) is not installed")
 
 TOKENIZER = SHARED / "tokenizers" / "minimind"
-TRAIN_FILES = ["sft_en_alpaca_demo.jsonl", "sft_zh_alpaca_demo.jsonl"]
 PRESETS = {"dense": "tiny", "moe": "minimind3-moe"}
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 
@@ -60,9 +70,7 @@ def trained(tmp_path_factory, data_cache) -> dict[str, Path]:
     Chinese; about 35 s apiece), enough to reproduce them with peaked next-token distributions; a checkpoint at
     the end."""
     root = tmp_path_factory.mktemp("gguf_runs")
-    data = root / "conversations.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for name in TRAIN_FILES
-                            for r in read_jsonl(name, 16)))
+    data = write_training_conversations(root / "conversations.jsonl")
     runs = {}
     for kind, preset in PRESETS.items():
         runs[kind] = root / kind
@@ -149,19 +157,6 @@ def test_the_qwen2_pre_tokenizer_would_split_numbers_wrongly(trained, hf_models,
 
 
 # ----------------------------------------------------------------------------- generation
-
-def greedy_prompts(tokenizer) -> list[list[int]]:
-    """20 chat prompts (10 English, 10 Chinese): the user turns of trained conversations, as generation prompts."""
-    from minimind_scale.chat.template import render_chat
-
-    prompts = []
-    for name in TRAIN_FILES:
-        for record in read_jsonl(name, 10):
-            user = [m for m in record["conversations"] if m["role"] == "user"][:1]
-            text = render_chat(user, None, tokenizer, add_generation_prompt=True)
-            prompts.append(tokenizer(text, add_special_tokens=False).input_ids[-160:])
-    return prompts
-
 
 @pytest.fixture(scope="module")
 def agreement_table(gguf_files, hf_models) -> dict:
